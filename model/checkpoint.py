@@ -1,0 +1,190 @@
+"""Checkpoints: the released OmniAbnorm-CT layout (load) and our own format (save / load).
+
+Released layout (SPEC §3.4), written with transformers 4.49 + peft 0.10::
+
+    adapter_config.json, adapter_model.safetensors      LoRA, keys base_model.model.model.layers.{i}.…
+    extended_tokenizer/                                 Qwen tokenizer + <SEG>
+    seg_model_lm_head_embed_tokens.pt                   {seg_model, lm_head_state_dict, embed_tokens_state_dict}
+
+Our format: `omniabnorm.json` (format tag + ModelConfig), `vlm_trained.safetensors` (LoRA tensors and the trained
+token rows, by module path), `seg_module.safetensors`, `tokenizer/`. Only trained tensors are stored; the base
+VLM is read from `model.base_model`. Nothing is unpickled except the released `.pt`, with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import safetensors.torch
+from safetensors.torch import load_file, save_file, save_model
+from transformers import AutoTokenizer
+
+from model.config import LoraSettings, ModelConfig
+from model.omniabnorm import OmniAbnormCT, build_model
+
+FORMAT = "omniabnorm-ct-checkpoint/1"
+RELEASED_FILES = ("adapter_config.json", "adapter_model.safetensors", "extended_tokenizer",
+                  "seg_model_lm_head_embed_tokens.pt")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder is incomplete or does not fit the model it is loaded into."""
+
+
+# transformers 4.49 named the LLM `model.*`; 5.x nests it as `model.language_model.*` and the vision tower as
+# `model.visual.*`. The adapter file also carries peft's `base_model.model.` prefix and no adapter name.
+_PEFT_PREFIX = "base_model.model."
+_OLD_LLM = re.compile(r"^model\.(?!language_model\.|visual\.)")
+_OLD_VISUAL = re.compile(r"^visual\.")
+_LORA_WEIGHT = re.compile(r"\.(lora_[AB])\.weight$")
+
+
+def released_key_to_module_name(key: str, adapter_name: str = "default") -> str:
+    """Map a released (transformers 4.49 / peft 0.10) tensor name to this model's parameter name.
+
+    >>> released_key_to_module_name("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight")
+    'model.language_model.layers.0.self_attn.q_proj.lora_A.default.weight'
+    >>> released_key_to_module_name("model.embed_tokens.weight")
+    'model.language_model.embed_tokens.weight'
+    """
+    if key.startswith(_PEFT_PREFIX):
+        key = key[len(_PEFT_PREFIX):]
+    key = _OLD_VISUAL.sub("model.visual.", _OLD_LLM.sub("model.language_model.", key))
+    return _LORA_WEIGHT.sub(rf".\1.{adapter_name}.weight", key)
+
+
+def load_released(cfg: ModelConfig, require_seg_module: bool = True):
+    """Load `cfg.released_checkpoint` onto the base `cfg.base_model` → (model, tokenizer, image_processor).
+
+    LoRA settings come from the release's `adapter_config.json`. Every LoRA tensor, the full embedding and head
+    matrices and the segmentation module (strict) are loaded; any tensor that does not land raises.
+    `require_seg_module=False` accepts an empty `seg_model` (the tiny fixture has one).
+    """
+    ckpt = Path(cfg.released_checkpoint)
+    missing = [name for name in RELEASED_FILES if not (ckpt / name).exists()]
+    if missing:
+        raise CheckpointError(f"{ckpt} is not a released OmniAbnorm-CT checkpoint: missing {', '.join(missing)}")
+    adapter_cfg = json.loads((ckpt / "adapter_config.json").read_text())
+    cfg = dataclasses.replace(cfg, lora=LoraSettings(
+        r=adapter_cfg["r"], alpha=adapter_cfg["lora_alpha"], dropout=adapter_cfg["lora_dropout"],
+        target_modules=tuple(sorted(adapter_cfg["target_modules"]))))
+    tokenizer = AutoTokenizer.from_pretrained(str(ckpt / "extended_tokenizer"))
+    model, tokenizer, image_processor = build_model(cfg, tokenizer=tokenizer)
+    vlm = model.vlm
+
+    bundle = torch.load(ckpt / "seg_model_lm_head_embed_tokens.pt", map_location="cpu", weights_only=True)
+    layers = {"model.language_model.embed_tokens.weight": vlm.get_input_embeddings(),
+              "lm_head.weight": vlm.get_output_embeddings()}
+    for key, value in {**bundle["embed_tokens_state_dict"], **bundle["lm_head_state_dict"]}.items():
+        layer = layers.get(released_key_to_module_name(key))
+        if layer is None:
+            raise CheckpointError(f"unexpected tensor {key!r} in seg_model_lm_head_embed_tokens.pt")
+        _copy_checked(layer.weight, value, key)
+        layer.load_rows_from_weight()
+
+    adapter = load_file(ckpt / "adapter_model.safetensors")
+    mapped = {released_key_to_module_name(k): v for k, v in adapter.items()}
+    own = dict(vlm.named_parameters())
+    lora_params = {n for n in own if ".lora_" in n}
+    if set(mapped) != lora_params:
+        raise CheckpointError(
+            f"LoRA tensors do not match the model: {len(set(mapped) - lora_params)} in the file only "
+            f"(e.g. {sorted(set(mapped) - lora_params)[:2]}), {len(lora_params - set(mapped))} in the model only "
+            f"(e.g. {sorted(lora_params - set(mapped))[:2]})")
+    for name, value in mapped.items():
+        _copy_checked(own[name], value, name)
+
+    seg_state = bundle["seg_model"]
+    if seg_state or require_seg_module:
+        try:
+            model.seg_module.load_state_dict(seg_state, strict=True)
+        except RuntimeError as err:
+            raise CheckpointError(f"segmentation module in {ckpt.name} does not fit: {err}") from None
+    return model, tokenizer, image_processor
+
+
+def load_starting_point(cfg: ModelConfig, tokenizer=None, require_seg_module: bool = True):
+    """The model a config starts from: the released checkpoint on the base if one is named, else the bare base."""
+    if cfg.released_checkpoint:
+        return load_released(cfg, require_seg_module=require_seg_module)
+    return build_model(cfg, tokenizer=tokenizer)
+
+
+def _copy_checked(param: torch.Tensor, value: torch.Tensor, name: str) -> None:
+    if tuple(param.shape) != tuple(value.shape):
+        raise CheckpointError(f"{name}: checkpoint shape {tuple(value.shape)} != model shape {tuple(param.shape)}")
+    with torch.no_grad():
+        param.copy_(value)
+
+
+def trained_vlm_state(model: OmniAbnormCT) -> dict[str, torch.Tensor]:
+    """The VLM tensors that training changes: LoRA and the trainable token rows."""
+    return {n: p.detach().contiguous() for n, p in model.vlm.named_parameters()
+            if ".lora_" in n or n.endswith("trainable_rows")}
+
+
+def save_checkpoint(model: OmniAbnormCT, tokenizer, out_dir: str | Path, extra: dict | None = None) -> Path:
+    """Write our format atomically: a reader sees the old folder or the complete new one, never a partial one."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        meta = {"format": FORMAT, "seg_token_id": model.seg_token_id, "model": model.config.to_dict(),
+                **({"extra": extra} if extra else {})}
+        save_file(trained_vlm_state(model), tmp / "vlm_trained.safetensors", metadata={"format": "pt"})
+        save_model(model.seg_module, str(tmp / "seg_module.safetensors"))
+        tokenizer.save_pretrained(tmp / "tokenizer")
+        (tmp / "omniabnorm.json").write_text(json.dumps(meta, indent=2))
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def load_checkpoint(checkpoint_dir: str | Path, base_model: str | Path | None = None):
+    """Load our format → (model, tokenizer, image_processor); `base_model` overrides the recorded base folder."""
+    ckpt = Path(checkpoint_dir)
+    meta_path = ckpt / "omniabnorm.json"
+    if not meta_path.is_file():
+        hint = " (this looks like the released layout: use load_released)" if (ckpt / "adapter_config.json").exists() else ""
+        raise CheckpointError(f"{ckpt} has no omniabnorm.json{hint}")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{meta_path}: unknown format {meta.get('format')!r}, expected {FORMAT!r}")
+    cfg = ModelConfig.from_dict(meta["model"])
+    if base_model is not None:
+        cfg.base_model = str(base_model)
+    tokenizer = AutoTokenizer.from_pretrained(str(ckpt / "tokenizer"))
+    # The segmentation module is read from our file below, so the starting point need not carry one.
+    model, tokenizer, image_processor = load_starting_point(cfg, tokenizer, require_seg_module=False)
+    if model.seg_token_id != meta["seg_token_id"]:
+        raise CheckpointError(f"<SEG> id {model.seg_token_id} differs from the saved {meta['seg_token_id']}")
+
+    state = load_file(ckpt / "vlm_trained.safetensors")
+    expected = trained_vlm_state(model)
+    if set(state) != set(expected):
+        raise CheckpointError(f"{ckpt.name}: trained tensors differ from the model "
+                              f"(file only: {sorted(set(state) - set(expected))[:3]}, "
+                              f"model only: {sorted(set(expected) - set(state))[:3]})")
+    own = dict(model.vlm.named_parameters())
+    for name, value in state.items():
+        _copy_checked(own[name], value, name)
+    missing, unexpected = safetensors.torch.load_model(model.seg_module, str(ckpt / "seg_module.safetensors"), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{ckpt.name}: segmentation module mismatch (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]})")
+    return model, tokenizer, image_processor

@@ -1,0 +1,156 @@
+"""OmniAbnorm-CT: Qwen2.5-VL (transformers, unmodified) + `<SEG>` queries + the 2.5D segmentation module.
+
+The VLM sees the key slice only. For every `<SEG>` input token, the LLM's last-layer hidden state (after the final
+norm) becomes one segmentation query; the segmentation module turns each query into a (H, W) mask over the 9-slice
+stack. Training loss = w_ce·CE(assistant tokens) + w_dice·Dice + w_bce·BCE over the valid queries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from peft import LoraConfig
+from torch import Tensor, nn
+from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from model.config import ConfigError, ModelConfig
+from model.losses import masked_seg_losses, shifted_cross_entropy
+from model.seg_module import SegmentationModule
+from model.tokenizer import add_seg_token
+from model.trainable_rows import EmbeddingWithTrainableRows, LinearWithTrainableRows
+
+
+@dataclass
+class OmniAbnormOutput:
+    loss: Tensor  # weighted total
+    ce_loss: Tensor
+    dice_loss: Tensor
+    bce_loss: Tensor
+    logits: Tensor  # (B, L, V)
+    mask_logits: Optional[Tensor]  # (B, N, H, W), None when the batch has no <SEG> or no slices
+    query_mask: Tensor  # (B, N) bool: which query slots hold a <SEG>
+
+
+def gather_seg_queries(hidden: Tensor, input_ids: Tensor, seg_token_id: int) -> tuple[Tensor, Tensor]:
+    """hidden (B, L, D), input_ids (B, L) → queries (B, N, D), query_mask (B, N).
+
+    Query slot k of sample b is the k-th `<SEG>` input position of b; N is the largest count in the batch
+    (0 when no sample has one), and samples with fewer `<SEG>` have padded slots with query_mask False.
+    """
+    is_seg = input_ids == seg_token_id
+    counts = is_seg.sum(dim=1)
+    n = int(counts.max()) if counts.numel() else 0
+    queries = hidden.new_zeros(hidden.shape[0], n, hidden.shape[-1])
+    query_mask = torch.arange(n, device=hidden.device)[None, :] < counts[:, None]
+    if n:
+        batch_idx, pos = is_seg.nonzero(as_tuple=True)
+        slot = (is_seg.cumsum(dim=1) - 1)[batch_idx, pos]
+        queries = queries.index_put((batch_idx, slot), hidden[batch_idx, pos])
+    return queries, query_mask
+
+
+class OmniAbnormCT(nn.Module):
+    def __init__(self, vlm: Qwen2_5_VLForConditionalGeneration, seg_module: SegmentationModule,
+                 seg_token_id: int, config: ModelConfig):
+        super().__init__()
+        self.vlm = vlm
+        self.seg_module = seg_module
+        self.seg_token_id = seg_token_id
+        self.config = config
+
+    def forward(
+        self,
+        input_ids: Tensor,  # (B, L)
+        attention_mask: Tensor,  # (B, L)
+        mm_token_type_ids: Tensor,  # (B, L): 0 text, 1 image; without it Qwen2.5-VL silently drops 3D positions
+        labels: Optional[Tensor] = None,  # (B, L), −100 outside assistant spans
+        pixel_values: Optional[Tensor] = None,  # (patches, C·T·P·P) from the image processor
+        image_grid_thw: Optional[Tensor] = None,  # (images, 3)
+        seg_slices: Optional[Tensor] = None,  # (B, S, H, W) z-scored 2.5D stacks
+        seg_masks: Optional[Tensor] = None,  # (B, N, H, W) binary targets, one per <SEG> in order
+        seg_target_mask: Optional[Tensor] = None,  # (B, N) bool: which target slots are real
+    ) -> OmniAbnormOutput:
+        out = self.vlm.model(
+            input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids, use_cache=False,
+        )
+        hidden = out.last_hidden_state  # after the final RMSNorm
+        logits = self.vlm.lm_head(hidden)
+        zero = logits.new_zeros((), dtype=torch.float32)
+        ce = shifted_cross_entropy(logits, labels) if labels is not None else zero
+
+        queries, query_mask = gather_seg_queries(hidden, input_ids, self.seg_token_id)
+        mask_logits, dice, bce = None, zero, zero
+        if seg_slices is not None and query_mask.shape[1] > 0:
+            mask_logits = self.seg_module(seg_slices, queries, query_mask)
+            if seg_masks is not None:
+                self._check_targets(query_mask, seg_masks, seg_target_mask)
+                n = query_mask.shape[1]
+                dice, bce = masked_seg_losses(mask_logits, seg_masks[:, :n], query_mask)
+
+        w = self.config.loss
+        total = w.ce * ce + w.dice * dice + w.bce * bce
+        return OmniAbnormOutput(total, ce.detach(), dice.detach(), bce.detach(), logits, mask_logits, query_mask)
+
+    @staticmethod
+    def _check_targets(query_mask: Tensor, seg_masks: Tensor, seg_target_mask: Optional[Tensor]) -> None:
+        """Each sample needs exactly one target mask per `<SEG>` it contains; a mismatch is a data bug."""
+        if seg_target_mask is None:
+            seg_target_mask = torch.ones(seg_masks.shape[:2], dtype=torch.bool, device=seg_masks.device)
+        have, want = seg_target_mask.sum(1), query_mask.sum(1)
+        if seg_masks.shape[1] < query_mask.shape[1] or not torch.equal(have, want):
+            raise ValueError(f"<SEG> tokens per sample {want.tolist()} do not match target masks per sample "
+                             f"{have.tolist()}: every <SEG> in the conversation needs its own mask")
+
+
+def lora_target_regex(module_names: tuple[str, ...]) -> str:
+    """LoRA on the language model only: Qwen2.5-VL's vision blocks also have `gate_proj`/`up_proj`/`down_proj`."""
+    names = "|".join(re.escape(n) for n in module_names)
+    return rf"model\.language_model\.layers\.\d+\.(?:self_attn|mlp)\.(?:{names})"
+
+
+def build_image_processor(base_model: str | Path, image_pixels: int) -> Qwen2VLImageProcessorPil:
+    """The base model's image processor with the fixed budget min = max = `image_pixels` (SPEC §4.3)."""
+    return Qwen2VLImageProcessorPil.from_pretrained(
+        str(base_model), size={"shortest_edge": image_pixels, "longest_edge": image_pixels},
+    )
+
+
+def build_model(cfg: ModelConfig, tokenizer=None) -> tuple[OmniAbnormCT, object, Qwen2VLImageProcessorPil]:
+    """Load the base VLM from `cfg.base_model`, add `<SEG>`, LoRA and the segmentation module.
+
+    Trainable after this call: LoRA tensors, the `<SEG>` row of the embedding and of the output head, and the
+    whole segmentation module. Everything else (vision tower included) is frozen.
+    """
+    cfg.validate()
+    base = Path(cfg.base_model)
+    if not (base / "config.json").is_file():
+        raise ConfigError(f"base model folder {str(base)!r} has no config.json: point model.base_model at a local "
+                          "Qwen2.5-VL-7B-Instruct folder in Hugging Face format")
+    vlm = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(base), dtype=getattr(torch, cfg.dtype))
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(str(base))
+    seg_token_id = add_seg_token(tokenizer)
+    if vlm.get_input_embeddings().weight.shape[0] != len(tokenizer):
+        vlm.resize_token_embeddings(len(tokenizer))
+    vlm.requires_grad_(False)
+    if cfg.lora is not None:
+        vlm.add_adapter(LoraConfig(
+            r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, bias="none",
+            target_modules=lora_target_regex(cfg.lora.target_modules),
+        ))
+    vlm.set_input_embeddings(EmbeddingWithTrainableRows.wrap(vlm.get_input_embeddings(), [seg_token_id]))
+    vlm.set_output_embeddings(LinearWithTrainableRows.wrap(vlm.get_output_embeddings(), [seg_token_id]))
+
+    hidden = vlm.config.text_config.hidden_size
+    if cfg.seg.query_dim not in (None, hidden):
+        raise ConfigError(f"seg.query_dim {cfg.seg.query_dim} differs from the VLM hidden size {hidden}")
+    seg_module = SegmentationModule(dataclasses.replace(cfg.seg, query_dim=hidden))
+    image_processor = build_image_processor(base, cfg.image_pixels)
+    return OmniAbnormCT(vlm, seg_module, seg_token_id, cfg), tokenizer, image_processor

@@ -1,0 +1,37 @@
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # a hub miss would otherwise retry for tens of seconds
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from dataset.collate import collate  # noqa: E402
+from model.omniabnorm import build_model  # noqa: E402
+from model.tiny import tiny_model_config, write_tiny_base  # noqa: E402
+from tests.helpers import make_sample  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    return write_tiny_base(tmp_path_factory.mktemp("tiny") / "base", seed=0)
+
+
+@pytest.fixture
+def tiny(tiny_base):
+    """A fresh tiny OmniAbnorm-CT (model, tokenizer, image_processor, cfg), seeded."""
+    cfg = tiny_model_config(tiny_base)
+    torch.manual_seed(0)
+    model, tokenizer, image_processor = build_model(cfg)
+    return model, tokenizer, image_processor, cfg
+
+
+@pytest.fixture
+def make_batch():
+    def build(tokenizer, image_processor, seg_counts, seg_size: int = 64):
+        samples = [make_sample(tokenizer, image_processor, n, seed=i, seg_size=seg_size)
+                   for i, n in enumerate(seg_counts)]
+        return collate(samples, tokenizer.pad_token_id)
+    return build
