@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -134,7 +135,7 @@ def from_dict(cls, data: Any, where: str):
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ConfigError(f"unknown key(s) in {where}: {', '.join(unknown)} (known: {', '.join(known)})")
-    hints = _resolved_hints(cls)
+    hints = typing.get_type_hints(cls)
     kwargs = {name: _coerce(hints[name], value, f"{where}.{name}") for name, value in data.items()}
     obj = cls(**kwargs)
     if hasattr(obj, "validate"):
@@ -142,15 +143,7 @@ def from_dict(cls, data: Any, where: str):
     return obj
 
 
-def _resolved_hints(cls) -> dict[str, Any]:
-    import typing
-
-    return typing.get_type_hints(cls)
-
-
 def _coerce(tp, value, where: str):
-    import typing
-
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin is typing.Union:  # Optional[X]

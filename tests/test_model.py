@@ -131,3 +131,14 @@ def test_batch_without_slices_skips_segmentation(tiny, make_batch):
     out = model(**batch)
     assert out.mask_logits is None and out.dice_loss == 0 and out.bce_loss == 0
     out.loss.backward()
+
+
+def test_mm_token_type_ids_drive_image_positions(tiny, make_batch):
+    """transformers 5.x uses 3D image positions only when mm_token_type_ids marks the image tokens."""
+    model, tokenizer, image_processor, _ = tiny
+    batch = make_batch(tokenizer, image_processor, seg_counts=[1])
+    model.eval()
+    with torch.no_grad():
+        with_types = model(**batch).logits
+        without = model(**{**batch, "mm_token_type_ids": torch.zeros_like(batch["mm_token_type_ids"])}).logits
+    assert not torch.allclose(with_types, without)
