@@ -142,3 +142,20 @@ def test_mm_token_type_ids_drive_image_positions(tiny, make_batch):
         with_types = model(**batch).logits
         without = model(**{**batch, "mm_token_type_ids": torch.zeros_like(batch["mm_token_type_ids"])}).logits
     assert not torch.allclose(with_types, without)
+
+
+def test_tiny_base_is_deterministic_by_seed(tmp_path):
+    import time
+
+    from safetensors.torch import load_file
+
+    from model.tiny import write_tiny_base
+
+    start = time.perf_counter()
+    a = load_file(write_tiny_base(tmp_path / "a", seed=3) / "model.safetensors")
+    assert time.perf_counter() - start < 30
+    b = load_file(write_tiny_base(tmp_path / "b", seed=3) / "model.safetensors")
+    c = load_file(write_tiny_base(tmp_path / "c", seed=4) / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
