@@ -21,8 +21,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
 import safetensors.torch
+import torch
 from safetensors.torch import load_file, save_file, save_model
 from transformers import AutoTokenizer
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from monai.losses import DiceLoss
 from torch import Tensor
