@@ -91,15 +91,7 @@ def load_released(cfg: ModelConfig, require_seg_module: bool = True):
 
     adapter = load_file(ckpt / "adapter_model.safetensors")
     mapped = {released_key_to_module_name(k): v for k, v in adapter.items()}
-    own = dict(vlm.named_parameters())
-    lora_params = {n for n in own if ".lora_" in n}
-    if set(mapped) != lora_params:
-        raise CheckpointError(
-            f"LoRA tensors do not match the model: {len(set(mapped) - lora_params)} in the file only "
-            f"(e.g. {sorted(set(mapped) - lora_params)[:2]}), {len(lora_params - set(mapped))} in the model only "
-            f"(e.g. {sorted(lora_params - set(mapped))[:2]})")
-    for name, value in mapped.items():
-        _copy_checked(own[name], value, name)
+    _load_exact(vlm, mapped, {n for n, _ in vlm.named_parameters() if ".lora_" in n}, "LoRA tensors")
 
     seg_state = bundle["seg_model"]
     if seg_state or require_seg_module:
@@ -115,6 +107,17 @@ def load_starting_point(cfg: ModelConfig, tokenizer=None, require_seg_module: bo
     if cfg.released_checkpoint:
         return load_released(cfg, require_seg_module=require_seg_module)
     return build_model(cfg, tokenizer=tokenizer)
+
+
+def _load_exact(module: torch.nn.Module, state: dict[str, torch.Tensor], expected: set[str], what: str) -> None:
+    """Copy `state` into `module`'s parameters; its names must be exactly `expected` and every shape must fit."""
+    if set(state) != expected:
+        file_only, model_only = sorted(set(state) - expected), sorted(expected - set(state))
+        raise CheckpointError(f"{what} do not match the model: {len(file_only)} in the file only (e.g. "
+                              f"{file_only[:2]}), {len(model_only)} in the model only (e.g. {model_only[:2]})")
+    own = dict(module.named_parameters())
+    for name, value in state.items():
+        _copy_checked(own[name], value, name)
 
 
 def _copy_checked(param: torch.Tensor, value: torch.Tensor, name: str) -> None:
@@ -175,14 +178,7 @@ def load_checkpoint(checkpoint_dir: str | Path, base_model: str | Path | None = 
         raise CheckpointError(f"<SEG> id {model.seg_token_id} differs from the saved {meta['seg_token_id']}")
 
     state = load_file(ckpt / "vlm_trained.safetensors")
-    expected = trained_vlm_state(model)
-    if set(state) != set(expected):
-        raise CheckpointError(f"{ckpt.name}: trained tensors differ from the model "
-                              f"(file only: {sorted(set(state) - set(expected))[:3]}, "
-                              f"model only: {sorted(set(expected) - set(state))[:3]})")
-    own = dict(model.vlm.named_parameters())
-    for name, value in state.items():
-        _copy_checked(own[name], value, name)
+    _load_exact(model.vlm, state, set(trained_vlm_state(model)), f"{ckpt.name}: trained tensors")
     missing, unexpected = safetensors.torch.load_model(model.seg_module, str(ckpt / "seg_module.safetensors"), strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{ckpt.name}: segmentation module mismatch (missing {missing[:3]}, "

@@ -47,10 +47,8 @@ class EmbeddingWithTrainableRows(_RowOverride, nn.Embedding):
 
     def forward(self, input_ids: Tensor) -> Tensor:
         out = F.embedding(input_ids, self.weight, self.padding_idx)
+        # No data-dependent branch (no host sync); with no hit the rows still get a (zero) gradient, as DDP needs.
         hit = input_ids.unsqueeze(-1) == self.row_ids  # (..., k)
-        if not hit.any():
-            # Keep the rows in the graph so every rank has a gradient for them (DDP), at no cost.
-            return out + 0.0 * self.trainable_rows.sum().to(out.dtype)
         replacement = hit.to(out.dtype) @ self.trainable_rows.to(out.dtype)  # (..., hidden)
         return torch.where(hit.any(-1, keepdim=True), replacement, out)
 
