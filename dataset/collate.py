@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -14,10 +14,11 @@ from dataset.conversation import IGNORE_INDEX, EncodedConversation
 @dataclass
 class Sample:
     conversation: EncodedConversation
-    pixel_values: Optional[Tensor] = None  # (patches, C·T·P·P) of all images of the sample, in order
-    image_grid_thw: Optional[Tensor] = None  # (images, 3)
-    seg_slices: Optional[Tensor] = None  # (S, H, W)
-    seg_masks: Optional[Tensor] = None  # (N_i, H, W), one per <SEG> in order
+    pixel_values: Tensor | None = None  # (patches, C·T·P·P) of all images of the sample, in order
+    image_grid_thw: Tensor | None = None  # (images, 3)
+    seg_slices: Tensor | None = None  # (S, H, W)
+    seg_masks: Tensor | None = None  # (N_i, H, W), one per <SEG> in order
+    meta: dict = field(default_factory=dict)  # sample id, task, geometry: for evaluation and debugging, not batched
 
 
 def collate(samples: Sequence[Sample], pad_token_id: int) -> dict[str, Tensor]:

@@ -8,8 +8,9 @@ BPE merges match the released training). Labels cover every assistant reply from
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor

@@ -54,8 +54,7 @@ def released_key_to_module_name(key: str, adapter_name: str = "default") -> str:
     >>> released_key_to_module_name("model.embed_tokens.weight")
     'model.language_model.embed_tokens.weight'
     """
-    if key.startswith(_PEFT_PREFIX):
-        key = key[len(_PEFT_PREFIX):]
+    key = key.removeprefix(_PEFT_PREFIX)
     key = _OLD_VISUAL.sub("model.visual.", _OLD_LLM.sub("model.language_model.", key))
     return _LORA_WEIGHT.sub(rf".\1.{adapter_name}.weight", key)
 

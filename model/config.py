@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 SEG_TOKEN = "<SEG>"
 
@@ -24,7 +25,7 @@ class SegModuleConfig:
     features: tuple[int, ...] = (32, 64, 128, 256, 512, 1024)  # channels per U-Net stage
     strides: tuple[int, ...] = (1, 2, 2, 2, 2, 2)
     convs_per_stage: int = 2
-    query_dim: Optional[int] = None  # LLM hidden size; None = take it from the VLM (3584 for 7B)
+    query_dim: int | None = None  # LLM hidden size; None = take it from the VLM (3584 for 7B)
     image_proj_hidden: int = 1536
     query_proj_hidden: int = 1536
     d_model: int = 768
@@ -105,7 +106,7 @@ class ModelConfig:
     released_checkpoint: str = ""
     dtype: str = "bfloat16"  # weights of the VLM: bfloat16 | float32
     image_pixels: int = 512 * 512  # VLM image budget, min = max (about 324 visual tokens)
-    lora: Optional[LoraSettings] = field(default_factory=LoraSettings)  # None = no LoRA
+    lora: LoraSettings | None = field(default_factory=LoraSettings)  # None = no LoRA
     seg: SegModuleConfig = field(default_factory=SegModuleConfig)
     loss: LossWeights = field(default_factory=LossWeights)
 
@@ -123,7 +124,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         return from_dict(cls, data, "model")
 
 
@@ -146,7 +147,7 @@ def from_dict(cls, data: Any, where: str):
 def _coerce(tp, value, where: str):
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if origin is typing.Union:  # Optional[X]
+    if origin in (typing.Union, types.UnionType):  # X | None
         if value is None:
             return None
         (inner,) = [a for a in args if a is not type(None)]

@@ -11,7 +11,6 @@ import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 from peft import LoraConfig
@@ -33,7 +32,7 @@ class OmniAbnormOutput:
     dice_loss: Tensor
     bce_loss: Tensor
     logits: Tensor  # (B, L, V)
-    mask_logits: Optional[Tensor]  # (B, N, H, W), None when the batch has no <SEG> or no slices
+    mask_logits: Tensor | None  # (B, N, H, W), None when the batch has no <SEG> or no slices
     query_mask: Tensor  # (B, N) bool: which query slots hold a <SEG>
 
 
@@ -69,12 +68,12 @@ class OmniAbnormCT(nn.Module):
         input_ids: Tensor,  # (B, L)
         attention_mask: Tensor,  # (B, L)
         mm_token_type_ids: Tensor,  # (B, L): 0 text, 1 image; without it Qwen2.5-VL silently drops 3D positions
-        labels: Optional[Tensor] = None,  # (B, L), −100 outside assistant spans
-        pixel_values: Optional[Tensor] = None,  # (patches, C·T·P·P) from the image processor
-        image_grid_thw: Optional[Tensor] = None,  # (images, 3)
-        seg_slices: Optional[Tensor] = None,  # (B, S, H, W) z-scored 2.5D stacks
-        seg_masks: Optional[Tensor] = None,  # (B, N, H, W) binary targets, one per <SEG> in order
-        seg_target_mask: Optional[Tensor] = None,  # (B, N) bool: which target slots are real
+        labels: Tensor | None = None,  # (B, L), −100 outside assistant spans
+        pixel_values: Tensor | None = None,  # (patches, C·T·P·P) from the image processor
+        image_grid_thw: Tensor | None = None,  # (images, 3)
+        seg_slices: Tensor | None = None,  # (B, S, H, W) z-scored 2.5D stacks
+        seg_masks: Tensor | None = None,  # (B, N, H, W) binary targets, one per <SEG> in order
+        seg_target_mask: Tensor | None = None,  # (B, N) bool: which target slots are real
     ) -> OmniAbnormOutput:
         out = self.vlm.model(
             input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
@@ -99,7 +98,7 @@ class OmniAbnormCT(nn.Module):
         return OmniAbnormOutput(total, ce.detach(), dice.detach(), bce.detach(), logits, mask_logits, query_mask)
 
     @staticmethod
-    def _check_targets(query_mask: Tensor, seg_masks: Tensor, seg_target_mask: Optional[Tensor]) -> None:
+    def _check_targets(query_mask: Tensor, seg_masks: Tensor, seg_target_mask: Tensor | None) -> None:
         """Each sample needs exactly one target mask per `<SEG>` it contains; a mismatch is a data bug."""
         if seg_target_mask is None:
             seg_target_mask = torch.ones(seg_masks.shape[:2], dtype=torch.bool, device=seg_masks.device)

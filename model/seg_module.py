@@ -15,6 +15,8 @@ rebuilt here from its `StackedConvBlocks` because the released module has no seg
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
@@ -107,7 +109,7 @@ class QueryDecoder(nn.Module):
 def _mlp(dims: tuple[int, ...]) -> nn.Sequential:
     """Linear → GELU after every linear (indices 0, 2, … are the linears, as in the release)."""
     layers: list[nn.Module] = []
-    for d_in, d_out in zip(dims[:-1], dims[1:]):
+    for d_in, d_out in itertools.pairwise(dims):
         layers += [nn.Linear(d_in, d_out), nn.GELU()]
     return nn.Sequential(*layers)
 

@@ -39,7 +39,7 @@ class EmbeddingWithTrainableRows(_RowOverride, nn.Embedding):
     """nn.Embedding whose rows `row_ids` come from `trainable_rows`; the state dict keeps `weight` under its name."""
 
     @classmethod
-    def wrap(cls, embedding: nn.Embedding, row_ids: list[int]) -> "EmbeddingWithTrainableRows":
+    def wrap(cls, embedding: nn.Embedding, row_ids: list[int]) -> EmbeddingWithTrainableRows:
         new = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx, device="meta")
         new.weight = embedding.weight
         new._init_rows(embedding.weight, row_ids)
@@ -57,7 +57,7 @@ class LinearWithTrainableRows(_RowOverride, nn.Linear):
     """Bias-free output head whose output features `row_ids` use `trainable_rows` as their weights."""
 
     @classmethod
-    def wrap(cls, linear: nn.Linear, row_ids: list[int]) -> "LinearWithTrainableRows":
+    def wrap(cls, linear: nn.Linear, row_ids: list[int]) -> LinearWithTrainableRows:
         if linear.bias is not None:
             raise ValueError("LinearWithTrainableRows supports bias-free heads only (Qwen's lm_head has none)")
         new = cls(linear.in_features, linear.out_features, bias=False, device="meta")

@@ -3,15 +3,15 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"  # a hub miss would otherwise retry for tens of seconds
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from dataset.collate import collate  # noqa: E402
-from model.omniabnorm import build_model  # noqa: E402
-from model.tiny import tiny_model_config, write_tiny_base  # noqa: E402
-from tests.helpers import make_sample  # noqa: E402
+from dataset.collate import collate
+from model.omniabnorm import build_model
+from model.tiny import tiny_model_config, write_tiny_base
+from tests.helpers import make_sample
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from model.checkpoint import CheckpointError, load_released, released_key_to_module_name
 from model.config import ModelConfig
 from model.tiny import TINY_SEG
-from tests.helpers import requires_shared, FIXTURE
+from tests.helpers import FIXTURE, requires_shared
 from tests.test_seg_module import released_state_dict
 
 BASE = FIXTURE / "base_model"

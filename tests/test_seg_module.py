@@ -6,7 +6,7 @@ import torch
 from model.config import SegModuleConfig
 from model.seg_module import SegmentationModule
 from model.tiny import TINY_SEG
-from tests.helpers import requires_shared, SEG_MANIFEST
+from tests.helpers import SEG_MANIFEST, requires_shared
 
 pytestmark = requires_shared
 
