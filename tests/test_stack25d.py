@@ -1,0 +1,139 @@
+import numpy as np
+import pytest
+import torch
+
+from dataset.stack25d import CONTEXT, SEG_SIZE, SquareGeometry, seg_stack, zscore
+
+
+def box_of(mask: np.ndarray) -> tuple[int, int, int, int]:
+    ys, xs = np.nonzero(mask)
+    return int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())
+
+
+def test_constants():
+    assert (CONTEXT, SEG_SIZE) == (4, 512)
+
+
+def test_mask_round_trip_is_exact_when_side_equals_size():
+    rng = np.random.default_rng(0)
+    geometry = SquareGeometry(64, 40, size=64)  # side 64 == size: padding only
+    mask = rng.random((3, 64, 40)) > 0.5
+    there = geometry.to_model(mask, binary=True)
+    assert there.shape == (3, 64, 64) and there.dtype == np.bool_
+    assert not there[:, :, :12].any() and not there[:, :, 52:].any()
+    assert np.array_equal(geometry.to_original(there, binary=True), mask)
+
+
+@pytest.mark.parametrize("height, width", [(300, 200), (200, 300)])
+def test_mask_round_trip_through_512(height, width):
+    geometry = SquareGeometry(height, width)
+    for y0, x0 in [(0, 0), (37, 61), (height - 40, width - 60), (101, 13)]:
+        mask = np.zeros((1, height, width), bool)
+        mask[0, y0:y0 + 40, x0:x0 + 60] = True  # 60 wide, 40 high
+        there = geometry.to_model(mask, binary=True)
+        assert there.shape == (1, 512, 512)
+        back = geometry.to_original(there, binary=True)
+        assert back.shape == (1, height, width)
+        assert np.abs(np.subtract(box_of(back[0]), box_of(mask[0]))).max() < 1
+        assert (back & mask).sum() / (back | mask).sum() > 0.95
+        assert np.abs(np.argwhere(back[0]).mean(0) - np.argwhere(mask[0]).mean(0)).max() < 0.5
+
+
+def test_padding_keeps_the_image_centred():
+    geometry = SquareGeometry(300, 200, size=300)
+    assert (geometry.side, geometry.pad_top, geometry.pad_left) == (300, 0, 50)
+    there = geometry.to_model(np.ones((1, 300, 200), np.float32), binary=False)[0]
+    assert np.all(there[:, :50] == 0) and np.all(there[:, 250:] == 0) and np.all(there[:, 50:250] == 1)
+    odd = SquareGeometry(2, 5, size=5).to_model(np.ones((1, 2, 5), np.float32), binary=False)[0]
+    # 3 rows of padding: 1 above, 2 below.
+    assert np.array_equal(odd.any(axis=1), [False, True, True, False, False])
+
+
+def test_probabilities_go_back_bilinear_and_keep_kind():
+    geometry = SquareGeometry(300, 200)
+    prob = torch.zeros(2, 512, 512)
+    prob[0, 100:300, 200:260] = 0.8
+    back = geometry.to_original(prob, binary=False)
+    assert isinstance(back, torch.Tensor) and back.shape == (2, 300, 200) and back.dtype == torch.float32
+    assert float(back.max()) == pytest.approx(0.8) and 0 < float(back[0][back[0] > 0].min()) < 0.8  # blended edge
+    assert not back[1].any()
+    with pytest.raises(ValueError, match="expected"):
+        geometry.to_original(np.zeros((1, 300, 200)), binary=True)
+
+
+def test_box_to_original():
+    geometry = SquareGeometry(300, 200, size=600)  # scale 0.5, 50 columns of padding left
+    assert geometry.box_to_original((200, 0, 399, 599)) == (50, 0, 149, 299)
+    assert geometry.box_to_original((0, 0, 599, 599)) == (0, 0, 199, 299)  # padding clipped off
+    assert geometry.box_to_original((101, 11, 101, 11)) == (0, 5, 0, 5)
+    with pytest.raises(ValueError, match="padding"):
+        geometry.box_to_original((0, 0, 99, 99))
+    # The box of a mask sent back lies inside the mapped box of the model-space mask.
+    geometry = SquareGeometry(300, 200)
+    model_mask = np.zeros((1, 512, 512), bool)
+    model_mask[0, 123:301, 190:333] = True
+    outer = geometry.box_to_original(box_of(model_mask[0]))
+    inner = box_of(geometry.to_original(model_mask, binary=True)[0])
+    assert outer[:2] <= inner[:2] and outer[2:] >= inner[2:]
+    assert np.abs(np.subtract(outer, inner)).max() <= 1
+
+
+def marked_slices(count: int, size: int = 16) -> np.ndarray:
+    """Slice i is zero except one bright pixel at (0, i): its z-scored maximum says which slice it is."""
+    slices = np.zeros((count, size, size), np.int16)
+    for i in range(count):
+        slices[i, 0, i] = 100
+    return slices
+
+
+def slice_ids(stack: np.ndarray) -> list[int | None]:
+    return [None if not channel.any() else int(np.argmax(channel[0])) for channel in stack]
+
+
+def test_neighbour_order_and_missing_slices():
+    stack, _ = seg_stack(marked_slices(4), key_index=0, size=16)
+    assert stack.shape == (9, 16, 16) and stack.dtype == np.float32
+    assert slice_ids(stack) == [None, None, None, None, 0, 1, 2, 3, None]
+    stack, _ = seg_stack(marked_slices(3), key_index=2, size=16)
+    assert slice_ids(stack) == [None, None, 0, 1, 2, None, None, None, None]
+
+
+def test_extra_neighbours_are_dropped():
+    stack, _ = seg_stack(marked_slices(13), key_index=6, size=16)  # 6 on each side
+    assert slice_ids(stack) == [2, 3, 4, 5, 6, 7, 8, 9, 10]
+    stack, _ = seg_stack(marked_slices(13), key_index=6, context=1, size=16)
+    assert slice_ids(stack) == [5, 6, 7]
+
+
+def test_each_present_slice_is_z_scored_on_its_own():
+    rng = np.random.default_rng(1)
+    hu = (rng.normal(size=(3, 40, 40)) * np.array([10, 300, 1])[:, None, None]
+          + np.array([-800, 40, 1000])[:, None, None]).astype(np.int16)
+    stack, geometry = seg_stack(hu, key_index=1, context=2, size=40)
+    assert geometry == SquareGeometry(40, 40, 40)
+    assert not stack[0].any() and not stack[4].any()
+    for channel in stack[1:4]:
+        assert abs(channel.mean()) < 1e-4 and channel.std() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_zscore_constant_and_bad_values():
+    assert np.array_equal(zscore(np.full((8, 8), 3.7, np.float32)), np.zeros((8, 8), np.float32))
+    z = zscore(np.array([[0, 2], [0, 2]], np.uint8))
+    assert z.dtype == np.float32 and np.array_equal(z, [[-1, 1], [-1, 1]])
+    slices = np.ones((3, 8, 8), np.float32)
+    slices[1, 2, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        seg_stack(slices, key_index=0)
+    with pytest.raises(ValueError, match="key index"):
+        seg_stack(slices, key_index=3)
+
+
+def test_default_stack_is_9_by_512_square_padded():
+    rng = np.random.default_rng(2)
+    slices = rng.integers(0, 256, (5, 256, 128)).astype(np.uint8)
+    stack, geometry = seg_stack(slices, key_index=2)
+    assert stack.shape == (9, 512, 512) and stack.dtype == np.float32
+    assert (geometry.side, geometry.pad_left, geometry.pad_top) == (256, 64, 0)
+    assert not stack[:2].any() and not stack[7:].any()  # slices −2, −1, 5 and 6 do not exist
+    assert not stack[2:7, :, :126].any() and not stack[2:7, :, 386:].any()  # padding stays zero after bilinear
+    assert (stack[2:7, :, 130:382] != 0).mean() > 0.99
