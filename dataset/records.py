@@ -154,7 +154,7 @@ def _abnormality(raw: dict, where: str) -> Abnormality:
         description=str(raw.get("description") or ""),
         rewritten_findings=_strings(raw.get("rewritten_findings"), f"{where} rewritten_findings"),
         category=_strings(raw.get("category"), f"{where} category"),
-        referring_prompts=prompts,
+        referring_prompts=list(dict.fromkeys(prompts)),  # test files repeat referring_prompt_k in the list
         negative_prompts=_strings(raw.get("negative_referring_prompt"), f"{where} negative_referring_prompt"),
     )
 

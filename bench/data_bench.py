@@ -1,0 +1,63 @@
+"""CPU cost of one prepared training sample per task (SPEC §8: under 20 ms per sample per core).
+
+Builds a phantom dataset at the real input size (512 × 512 slices), the tokenizer of the tiny base (same class and
+special tokens as Qwen's; BPE merges differ, tokenising is a small share of the cost) and the image processor at
+the real budget (512 × 512 pixels), then times `dataset[key]` — read slices and masks, window, 2.5D stack, MONAI
+augmentation, prompt drawing, image processor, chat encoding — on one thread.
+
+    python bench/data_bench.py [--n 24] [--size 512] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from transformers import AutoTokenizer
+
+from dataset.augment import SegAugment
+from dataset.phantom import write_phantom
+from dataset.records import load_records
+from dataset.sampler import SampleKey
+from dataset.tasks import RECORD_TASKS, SampleBuilder
+from model.omniabnorm import build_image_processor
+from model.tiny import write_tiny_base
+from model.tokenizer import add_seg_token
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=24, help="phantom cases")
+    parser.add_argument("--size", type=int, default=512, help="slice size in pixels")
+    parser.add_argument("--repeats", type=int, default=2, help="passes over each task's items")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = write_phantom(Path(tmp) / "phantom", n=args.n, seed=0, size=args.size)
+        base = write_tiny_base(Path(tmp) / "base")
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        add_seg_token(tokenizer)
+        builder = SampleBuilder(tokenizer, build_image_processor(base, 512 * 512), augment=SegAugment())
+        records = load_records(root / "merged_train.json")
+        print(f"{len(records)} phantom records of {args.size}×{args.size}, 1 thread, {args.repeats} pass(es)\n")
+        print(f"{'task':32s} {'samples':>8s} {'ms/sample':>10s}")
+        for name, task_cls in RECORD_TASKS.items():
+            task = task_cls(records, builder, seed=0, train=True)
+            keys = [SampleKey(name, i, epoch) for epoch in range(args.repeats) for i in range(len(task))]
+            task[keys[0]]  # warm-up: imports, first-call allocations
+            start = time.perf_counter()
+            for key in keys:
+                task[key]
+            ms = (time.perf_counter() - start) * 1e3 / len(keys)
+            print(f"{name:32s} {len(keys):8d} {ms:10.1f}")
+
+
+if __name__ == "__main__":
+    main()

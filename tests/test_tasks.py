@@ -1,0 +1,180 @@
+"""Each training task on the synthetic phantom: exact texts, supervised spans, masks per <SEG>, determinism."""
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from dataset.augment import SegAugment
+from dataset.collate import collate
+from dataset.conversation import IGNORE_INDEX
+from dataset.phantom import write_phantom
+from dataset.prompts import GROUNDED_REPORT_EVAL, NO_ABNORMALITY, NO_RELEVANT_ABNORMALITY, REPORT_SUFFIX
+from dataset.records import load_records
+from dataset.sampler import SampleKey, TaskBatchSampler
+from dataset.tasks import (
+    GroundedReportTask,
+    GroundingTask,
+    MultiTaskDataset,
+    PerFindingReportTask,
+    ReferringOneRoundTask,
+    ReferringTask,
+    SampleBuilder,
+    VisualPromptTask,
+)
+
+SEG = 64
+
+
+@pytest.fixture(scope="session")
+def phantom(tmp_path_factory):
+    root = write_phantom(tmp_path_factory.mktemp("phantom") / "data", n=16, seed=1, size=64)
+    return load_records(root / "merged_train.json")
+
+
+@pytest.fixture(scope="session")
+def builder(tiny_base):
+    from transformers import AutoTokenizer
+
+    from model.omniabnorm import build_image_processor
+    from model.tokenizer import add_seg_token
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    add_seg_token(tokenizer)
+    return SampleBuilder(tokenizer, build_image_processor(tiny_base, 56 * 56), seg_size=SEG)
+
+
+def supervised_text(builder, sample):
+    labels = sample.conversation.labels
+    return builder.tokenizer.decode(labels[labels != IGNORE_INDEX])
+
+
+def full_text(builder, sample):
+    return builder.tokenizer.decode(sample.conversation.input_ids)
+
+
+def seg_count(builder, sample):
+    return int((sample.conversation.input_ids == builder.tokenizer.convert_tokens_to_ids("<SEG>")).sum())
+
+
+def test_visual_prompt_items_and_text(phantom, builder):
+    task = VisualPromptTask(phantom, builder, seed=0)
+    scopes = {item[1] for item in task.items}
+    assert scopes == {"single", "group", "all"}  # the phantom has groups of two lesions
+    for index, item in enumerate(task.items[:40]):
+        sample = task[index]
+        _, scope, _kind, _ = item
+        text = full_text(builder, sample)
+        assert ("Describe the abnormal finding" in text) == (scope == "group")
+        assert (REPORT_SUFFIX in text) == (scope != "group")
+        answer = supervised_text(builder, sample)
+        assert answer.endswith("<|im_end|>") and "<|im_start|>" not in answer
+        if scope == "all":
+            assert answer.startswith("Findings 1: ")
+        assert sample.seg_slices is None and sample.image_grid_thw.shape == (1, 3)
+
+
+def test_visual_prompt_online_matches_prerendered(phantom, builder):
+    pre, online = VisualPromptTask(phantom, builder), VisualPromptTask(phantom, builder, online=True)
+    for index in range(0, len(pre.items), 7):
+        r, scope, kind, ids = pre.items[index]
+        a = pre.prompt_image(pre.records[r], scope, kind, ids)
+        b = online.prompt_image(online.records[r], scope, kind, ids)
+        assert a.shape == b.shape
+        red = lambda im: (im[..., 0] == 255) & (im[..., 1] == 0) & (im[..., 2] == 0)
+        assert (red(a) == red(b)).mean() > 0.995  # same marks; only JPEG-decoded gray may differ
+
+
+def test_grounding_and_grounded_report(phantom, builder):
+    grounding, report = GroundingTask(phantom, builder), GroundedReportTask(phantom, builder, train=False)
+    for index, record in enumerate(phantom):
+        g, r = grounding[index], report[index]
+        assert supervised_text(builder, g) == "<SEG><|im_end|>"
+        assert g.seg_masks.shape == (1, SEG, SEG) and g.seg_slices.shape == (9, SEG, SEG)
+        assert bool(g.seg_masks.any()) == (not record.is_normal)
+        assert "describe the findings" not in full_text(builder, g)
+        text = full_text(builder, r)
+        assert GROUNDED_REPORT_EVAL in text and "<|im_start|>tool\n<|vision_start|>" in text
+        assert r.image_grid_thw.shape[0] == 2 and seg_count(builder, r) == 1
+        answer = supervised_text(builder, r)
+        if record.is_normal:
+            assert answer == f"<SEG><|im_end|>{NO_ABNORMALITY}<|im_end|>"
+        else:
+            expected = "".join(f"Findings {i}: {g.description}\n" for i, g in enumerate(record.groups(), 1))
+            assert answer == f"<SEG><|im_end|>{expected}<|im_end|>"  # eval: descriptions, not rewrites
+        assert torch.equal(r.seg_masks, g.seg_masks)  # same union mask in both flows
+
+
+def test_per_finding_masks_follow_their_lines(phantom, builder):
+    task = PerFindingReportTask(phantom, builder)
+    for index, record in enumerate(phantom):
+        sample = task[index]
+        groups = record.groups()
+        assert seg_count(builder, sample) == len(groups) == sample.seg_masks.shape[0]
+        if len(groups) > 1:  # each finding's mask is its own group's, so the masks differ
+            assert not torch.equal(sample.seg_masks[0], sample.seg_masks[1])
+        for k, mask in enumerate(sample.seg_masks):
+            assert mask.any()
+
+
+def test_referring_positives_and_negatives(phantom, builder):
+    two, one = ReferringTask(phantom, builder, seed=0), ReferringOneRoundTask(phantom, builder, seed=0)
+    assert len(two) == sum(len(r.groups()) for r in phantom)
+    kinds = set()
+    for task in (two, one):
+        for index in range(len(task)):
+            sample = task[index]
+            record = task.records[task.items[index][0]]
+            present = {a.key for a in record.abnormalities}
+            answer = supervised_text(builder, sample)
+            positive = sample.meta["positive"]
+            kinds.add(positive)
+            if positive:
+                assert sample.seg_masks.shape[0] == 1 and sample.seg_masks.any()
+            else:
+                assert NO_RELEVANT_ABNORMALITY in answer and not sample.seg_masks.any()
+                question = sample.meta["question"].lower()
+                assert not any(organ in question for organ in present)  # never about a finding present
+            assert seg_count(builder, sample) == sample.seg_masks.shape[0]
+    assert kinds == {True, False}
+
+
+def test_samples_are_pure_functions_of_the_key(phantom, builder):
+    augmented = SampleBuilder(builder.tokenizer, builder.image_processor, seg_size=SEG, augment=SegAugment())
+    task = GroundedReportTask(phantom, augmented, seed=5)
+    a, b = task[SampleKey(task.task, 3, 1)], task[SampleKey(task.task, 3, 1)]
+    c = task[SampleKey(task.task, 3, 2)]
+    assert torch.equal(a.conversation.input_ids, b.conversation.input_ids)
+    assert torch.equal(a.seg_slices, b.seg_slices) and torch.equal(a.pixel_values, b.pixel_values)
+    assert not (torch.equal(a.seg_slices, c.seg_slices) and torch.equal(a.conversation.input_ids,
+                                                                        c.conversation.input_ids))
+
+
+def test_loader_batches_drive_the_tiny_model(phantom, tiny):
+    model, tokenizer, image_processor, _cfg = tiny
+    builder = SampleBuilder(tokenizer, image_processor, seg_size=SEG, augment=SegAugment())
+    dataset = MultiTaskDataset([GroundedReportTask(phantom, builder), VisualPromptTask(phantom, builder),
+                                PerFindingReportTask(phantom, builder)])
+    sampler = TaskBatchSampler(dataset.sizes(), batch_size=2, seed=0)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=lambda s: collate(s, tokenizer.pad_token_id))
+    tasks_seen = set()
+    for step, batch in enumerate(loader):
+        out = model(**batch)
+        assert torch.isfinite(out.loss)
+        tasks_seen.add("seg_slices" in batch)
+        if step == 6:
+            break
+    assert tasks_seen == {True, False}
+
+
+def test_training_samples_are_augmented(phantom, builder):
+    """The builder's augmentation really runs on the stack and masks (their alignment: tests/test_augment.py)."""
+    augmented = SampleBuilder(builder.tokenizer, builder.image_processor, seg_size=SEG, augment=SegAugment())
+    plain, aug = (GroundingTask([r for r in phantom if not r.is_normal], b, seed=2) for b in (builder, augmented))
+    changed = 0
+    for index in range(len(plain)):
+        key = SampleKey(plain.task, index, 0)
+        a, b = plain[key], aug[key]
+        assert set(np.unique(b.seg_masks.numpy())) <= {0.0, 1.0} and b.seg_slices.shape == a.seg_slices.shape
+        changed += not torch.equal(a.seg_slices, b.seg_slices)
+    assert changed >= len(plain) // 2
