@@ -30,9 +30,7 @@ import io
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +43,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from dataset.ct import PLANES, WINDOW_PRESETS, InputError, Volume, window_to_uint8
 from dataset.visual_prompt import PROMPT_KINDS, draw_prompt
+from utils.atomic import atomic_folder
 
 GENERATOR_VERSION = "1"
 FOV_MM = 350.0  # in-plane field of view; voxels are FOV_MM / size mm on every axis
@@ -696,20 +695,8 @@ def write_phantom(out: str | os.PathLike, n: int, seed: int, size: int = 128, vo
         raise InputError(f"--out {out} is a file; pass a folder path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise InputError(f"--out {out} already exists and is not empty; pass another folder or --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         _build(tmp, n, seed, size, volumes, valid_fraction)
-        if out.is_dir():  # empty, or replaced on --overwrite: move it aside first so `out` is never half-written
-            old = Path(tempfile.mkdtemp(prefix=f"{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

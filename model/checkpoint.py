@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import safetensors.torch
@@ -28,6 +25,7 @@ from transformers import AutoTokenizer
 
 from model.config import LoraSettings, ModelConfig
 from model.omniabnorm import OmniAbnormCT, build_model
+from utils.atomic import atomic_folder
 
 FORMAT = "omniabnorm-ct-checkpoint/1"
 RELEASED_FILES = ("adapter_config.json", "adapter_model.safetensors", "extended_tokenizer",
@@ -134,27 +132,14 @@ def trained_vlm_state(model: OmniAbnormCT) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(model: OmniAbnormCT, tokenizer, out_dir: str | Path, extra: dict | None = None) -> Path:
     """Write our format atomically: a reader sees the old folder or the complete new one, never a partial one."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        meta = {"format": FORMAT, "seg_token_id": model.seg_token_id, "model": model.config.to_dict(),
-                **({"extra": extra} if extra else {})}
+    meta = {"format": FORMAT, "seg_token_id": model.seg_token_id, "model": model.config.to_dict(),
+            **({"extra": extra} if extra else {})}
+    with atomic_folder(out_dir) as tmp:
         save_file(trained_vlm_state(model), tmp / "vlm_trained.safetensors", metadata={"format": "pt"})
         save_model(model.seg_module, str(tmp / "seg_module.safetensors"))
         tokenizer.save_pretrained(tmp / "tokenizer")
         (tmp / "omniabnorm.json").write_text(json.dumps(meta, indent=2))
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return out
+    return Path(out_dir)
 
 
 def load_checkpoint(checkpoint_dir: str | Path, base_model: str | Path | None = None):
