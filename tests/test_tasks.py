@@ -178,3 +178,34 @@ def test_training_samples_are_augmented(phantom, builder):
         assert set(np.unique(b.seg_masks.numpy())) <= {0.0, 1.0} and b.seg_slices.shape == a.seg_slices.shape
         changed += not torch.equal(a.seg_slices, b.seg_slices)
     assert changed >= len(plain) // 2
+
+
+def test_instruction_qa_and_report_corpus(tmp_path, builder):
+    from PIL import Image
+
+    from dataset.ct import InputError
+    from dataset.prompts import REPORT_CORPUS_INSTRUCTION
+    from dataset.tasks import InstructionQATask, ReportCorpusTask, load_pubmedvision_ct, load_report_corpus
+
+    Image.fromarray(np.full((40, 30, 3), 90, np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.arange(1200, dtype=np.uint16).reshape(40, 30) * 50).save(tmp_path / "b.png")
+    qa = [{"image": ["a.png"], "modality": "CT", "conversations": [
+              {"from": "human", "value": "<image>\nWhat organ is shown?"}, {"from": "gpt", "value": "The liver."},
+              {"from": "human", "value": "Second?"}, {"from": "gpt", "value": "Ignored."}]},
+          {"image": ["a.png", "b.png"], "modality": "CT", "conversations": []},  # several images: skipped
+          {"image": ["a.png"], "modality": "MRI", "conversations": []},  # not CT: skipped
+          {"image": "b.png", "modality": "Computed Tomography", "conversations": [
+              {"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}]}]
+    (tmp_path / "qa.json").write_text(__import__("json").dumps(qa))
+    pairs = load_pubmedvision_ct(tmp_path / "qa.json")
+    assert pairs == [(tmp_path / "a.png", "What organ is shown?", "The liver."), (tmp_path / "b.png", "Q?", "A.")]
+    task = InstructionQATask(pairs, builder)
+    assert supervised_text(builder, task[0]) == "The liver.<|im_end|>"
+    assert "What organ is shown?<|im_end|>" in full_text(builder, task[0])
+    assert task[1].pixel_values is not None  # a 16-bit image is shown stretched, not wrapped
+    (tmp_path / "corpus.json").write_text('[{"image": "a.png", "caption": "No acute findings."}]')
+    corpus = ReportCorpusTask(load_report_corpus(tmp_path / "corpus.json"), builder)
+    assert REPORT_CORPUS_INSTRUCTION in full_text(builder, corpus[0])
+    (tmp_path / "bad.json").write_text('[{"image": "a.png"}]')
+    with pytest.raises(InputError, match="needs non-empty 'image' and 'caption'"):
+        load_report_corpus(tmp_path / "bad.json")
