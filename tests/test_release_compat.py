@@ -83,6 +83,7 @@ def test_released_model_runs_forward(released, make_batch):
     assert torch.isfinite(out.loss) and out.mask_logits.shape == (2, 1, 64, 64)
 
 
+@pytest.mark.slow
 def test_complete_release_with_full_size_seg_module_loads_strictly(tmp_path):
     """The fixture's seg_model is empty; put the released names and shapes in and load with the default sizes."""
     ckpt = tmp_path / "release"

@@ -150,6 +150,7 @@ def test_samples_are_pure_functions_of_the_key(phantom, builder):
                                                                         c.conversation.input_ids))
 
 
+@pytest.mark.slow
 def test_loader_batches_drive_the_tiny_model(phantom, tiny):
     model, tokenizer, image_processor, _cfg = tiny
     builder = SampleBuilder(tokenizer, image_processor, seg_size=SEG, augment=SegAugment())
