@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from dataset.augment import SegAugment
@@ -48,6 +47,7 @@ from dataset.readers import load_image_array
 from dataset.records import Group, Record
 from dataset.sampler import SampleKey
 from dataset.stack25d import CONTEXT, SEG_SIZE, seg_stack
+from dataset.vision import VisionPreprocessor
 from dataset.visual_prompt import PROMPT_KINDS, draw_boxes, draw_prompt, mask_box
 from model.config import SEG_TOKEN
 
@@ -106,6 +106,7 @@ class SampleBuilder:
     def __init__(self, tokenizer, image_processor, seg_size: int = SEG_SIZE, augment: SegAugment | None = None):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
+        self.vision = VisionPreprocessor(image_processor)
         self.seg_size = seg_size
         self.augment = augment
         self.image_token_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
@@ -121,8 +122,7 @@ class SampleBuilder:
         pixel_values = grid = None
         image_tokens: list[int] = []
         if images:
-            vision = self.image_processor(images=[Image.fromarray(im) for im in images], return_tensors="pt")
-            pixel_values, grid = vision["pixel_values"], vision["image_grid_thw"]
+            pixel_values, grid = self.vision(images)
             image_tokens = (grid.prod(dim=1) // self.image_processor.merge_size ** 2).tolist()
         conversation = encode(self.tokenizer, turns, image_tokens, self.image_token_id)
         seg_slices = seg_masks = None

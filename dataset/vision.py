@@ -1,0 +1,96 @@
+"""Qwen2-VL vision inputs from RGB arrays: the exact output of transformers' `Qwen2VLImageProcessorPil`, faster.
+
+The processor resizes with PIL, rescales in float64, normalises in float32, then reorders the pixels into patches
+(temporal copies included). Here:
+- the resize is PIL's, same filter, same `smart_resize` size, applied band by band and once per distinct band (PIL
+  resamples bands independently with the same weights, so this is pixel-identical; a grey slice costs one band);
+- rescale and normalise depend on one uint8 value and its channel only, so they are looked up in a (3, 256) float32
+  table computed once with the processor's own `rescale` / `normalize` (its arithmetic, order and dtypes, hence
+  bit-identical; a fused x·a + b in float32 is off by up to 5e-7);
+- the patch reordering is one reshape/transpose, written straight into the output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import Qwen2VLImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+CHANNELS = 3
+
+
+class VisionPreprocessor:
+    """`VisionPreprocessor(processor)(images)` == `processor(images=[PIL images], return_tensors="pt")`.
+
+    All settings (pixel budget, patch/temporal/merge sizes, resample filter, rescale factor, mean/std, do_* flags)
+    are read from the processor object at construction.
+    """
+
+    def __init__(self, image_processor: Qwen2VLImageProcessorPil):
+        p = image_processor
+        self.min_pixels, self.max_pixels = p.size.get("shortest_edge"), p.size.get("longest_edge")
+        if p.do_resize and not (self.min_pixels and self.max_pixels):
+            raise ValueError(f"the image processor's size needs 'shortest_edge' and 'longest_edge', got {p.size}")
+        self.do_resize = bool(p.do_resize)
+        self.resample = Image.Resampling(p.resample)
+        self.patch_size, self.merge_size = p.patch_size, p.merge_size
+        self.temporal_patch_size = p.temporal_patch_size
+        # Every uint8 value in every channel, (C, 1, 256), through the processor's own steps → (C, 256) float32.
+        table = np.ascontiguousarray(np.broadcast_to(np.arange(256, dtype=np.uint8), (CHANNELS, 1, 256)))
+        if p.do_rescale:
+            table = p.rescale(table, p.rescale_factor)
+        if p.do_normalize:
+            table = p.normalize(table, p.image_mean, p.image_std)
+        self.table = np.ascontiguousarray(table, dtype=np.float32).reshape(CHANNELS, 256)
+
+    def target_size(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) of the resized image, multiples of patch_size · merge_size."""
+        if not self.do_resize:
+            return height, width
+        return smart_resize(height, width, factor=self.patch_size * self.merge_size, min_pixels=self.min_pixels,
+                            max_pixels=self.max_pixels)
+
+    def values(self, image: np.ndarray, height: int, width: int) -> np.ndarray:
+        """(H, W, 3) uint8 → (3, height, width) float32 model values."""
+        # each channel's first equal channel: all three on a grey slice, G and B on a grey slice with red marks
+        source = [next((k for k in range(c) if np.array_equal(image[:, :, k], image[:, :, c])), c)
+                  for c in range(CHANNELS)]
+        bands = {}
+        for k in set(source):
+            band = np.ascontiguousarray(image[:, :, k])
+            if (height, width) != band.shape:  # PIL's resize to the same size is a copy
+                band = np.asarray(Image.fromarray(band).resize((width, height), resample=self.resample))
+            bands[k] = band
+        values = np.empty((CHANNELS, height, width), dtype=np.float32)
+        for c, k in enumerate(source):  # uint8 indices are always within the table: mode="clip" skips bounds checks
+            np.take(self.table[c], bands[k], mode="clip", out=values[c])
+        return values
+
+    def __call__(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """images: (H, W, 3) uint8 RGB arrays → pixel_values (patches, 3·T·P·P) float32, image_grid_thw (images, 3)
+        int64 (1, H'/P, W'/P per image), patches of all images concatenated in order (T: temporal_patch_size, P:
+        patch_size, H' × W': the `smart_resize` size)."""
+        if len(images) == 0:
+            raise ValueError("no images to preprocess")
+        for i, image in enumerate(images):
+            if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 \
+                    or image.shape[2] != CHANNELS or 0 in image.shape:
+                what = f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray) else type(image)
+                raise ValueError(f"image {i}: expected an (H, W, 3) uint8 RGB array, got a {what}")
+        p, m, t = self.patch_size, self.merge_size, self.temporal_patch_size
+        sizes = [self.target_size(*image.shape[:2]) for image in images]
+        grid = torch.tensor([(1, h // p, w // p) for h, w in sizes], dtype=torch.int64)
+        counts = grid.prod(dim=1).tolist()
+        pixel_values = np.empty((sum(counts), CHANNELS * t * p * p), dtype=np.float32)
+        start = 0
+        for image, (h, w), n in zip(images, sizes, counts):
+            bh, bw = h // (p * m), w // (p * m)
+            # (C, H, W) → (blocks_h, blocks_w, merge_h, merge_w, C, [T copies], P, P): the processor's patch order
+            blocks = self.values(image, h, w).reshape(CHANNELS, bh, m, p, bw, m, p).transpose(1, 4, 2, 5, 0, 3, 6)
+            pixel_values[start:start + n].reshape(bh, bw, m, m, CHANNELS, t, p, p)[...] = blocks[:, :, :, :, :, None]
+            start += n
+        return torch.from_numpy(pixel_values), grid

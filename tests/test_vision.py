@@ -1,0 +1,112 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import Qwen2VLImageProcessorPil
+
+from dataset.vision import VisionPreprocessor
+from model.omniabnorm import build_image_processor
+
+REAL, TINY = 512 * 512, 56 * 56
+
+
+def gray_rgb(gray: np.ndarray) -> np.ndarray:
+    return np.repeat(gray[:, :, None], 3, axis=2)
+
+
+def make_images() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:240, 0:320]
+    boxed = gray_rgb(rng.integers(0, 256, (200, 300), dtype=np.uint8))
+    boxed[50:120, 80:82] = boxed[50:52, 80:200] = (255, 0, 0)  # a red box drawn on a grey slice: G == B != R
+    green = gray_rgb(rng.integers(0, 256, (61, 37), dtype=np.uint8))
+    green[10:20, 5:30] = (0, 200, 0)  # R == B != G
+    blue = gray_rgb(rng.integers(0, 256, (100, 90), dtype=np.uint8))
+    blue[40:60, 10:80] = (0, 0, 255)  # R == G != B
+    return {
+        "gray_512": gray_rgb(rng.integers(0, 256, (512, 512), dtype=np.uint8)),
+        "gray_300x200": gray_rgb(rng.integers(0, 256, (300, 200), dtype=np.uint8)),
+        "gray_200x300": gray_rgb(rng.integers(0, 256, (200, 300), dtype=np.uint8)),
+        "gray_37x61": gray_rgb(rng.integers(0, 256, (37, 61), dtype=np.uint8)),
+        "gray_56": gray_rgb(rng.integers(0, 256, (56, 56), dtype=np.uint8)),  # already the 56·56 size: no resize
+        "noise_rgb_512": rng.integers(0, 256, (512, 512, 3), dtype=np.uint8),
+        "gradient_rgb": np.stack([x * 255 // 319, y * 255 // 239, (x + y) * 255 // 558], axis=2).astype(np.uint8),
+        "red_box": boxed,
+        "green_mark_61x37": green,
+        "blue_mark_100x90": blue,
+    }
+
+
+IMAGES = make_images()
+
+
+@pytest.fixture(scope="module")
+def processors(tiny_base):
+    return {pixels: build_image_processor(tiny_base, pixels) for pixels in (REAL, TINY)}
+
+
+def reference(processor, images):
+    out = processor(images=[Image.fromarray(im) for im in images], return_tensors="pt")
+    return out["pixel_values"], out["image_grid_thw"]
+
+
+def assert_same(ours, theirs):
+    assert ours[0].dtype == theirs[0].dtype == torch.float32 and ours[1].dtype == theirs[1].dtype == torch.int64
+    assert torch.equal(ours[1], theirs[1])
+    assert torch.equal(ours[0], theirs[0])  # bit-identical, not merely close
+
+
+@pytest.mark.parametrize("pixels", [REAL, TINY])
+@pytest.mark.parametrize("name", list(IMAGES))
+def test_matches_processor_exactly(processors, pixels, name):
+    processor = processors[pixels]
+    assert_same(VisionPreprocessor(processor)([IMAGES[name]]), reference(processor, [IMAGES[name]]))
+
+
+@pytest.mark.parametrize("pixels, grid", [(REAL, [1, 38, 38]), (TINY, [1, 4, 4])])
+def test_geometry_of_a_512_slice(processors, pixels, grid):
+    pixel_values, image_grid_thw = VisionPreprocessor(processors[pixels])([IMAGES["gray_512"]])
+    assert image_grid_thw.tolist() == [grid]
+    assert pixel_values.shape == (grid[1] * grid[2], 3 * 2 * 14 * 14)
+    # the two temporal copies of every patch are equal; mean/std put a mid-grey at about 0
+    patches = pixel_values.reshape(-1, 3, 2, 14, 14)
+    assert torch.equal(patches[:, :, 0], patches[:, :, 1])
+    assert -2.0 < float(pixel_values.min()) and float(pixel_values.max()) < 2.2
+
+
+@pytest.mark.parametrize("pixels", [REAL, TINY])
+def test_batch_of_two_sizes(processors, pixels):
+    processor = processors[pixels]
+    vision = VisionPreprocessor(processor)
+    batch = [IMAGES["gray_300x200"], IMAGES["red_box"]]
+    ours = vision(batch)
+    assert_same(ours, reference(processor, batch))
+    singles = [vision([im]) for im in batch]
+    assert torch.equal(ours[0], torch.cat([s[0] for s in singles]))
+    assert torch.equal(ours[1], torch.cat([s[1] for s in singles]))
+
+
+@pytest.mark.parametrize("settings", [
+    {"image_mean": [0.5, 0.25, 0.125], "image_std": [0.2, 0.3, 0.4], "resample": Image.Resampling.BILINEAR},
+    {"do_normalize": False, "rescale_factor": 1 / 127.5},
+    {"do_rescale": False, "min_pixels": 28 * 28, "max_pixels": 64 * 64},
+    {"patch_size": 16, "merge_size": 1, "temporal_patch_size": 1},
+])
+def test_reads_every_setting_from_the_processor(settings):
+    processor = Qwen2VLImageProcessorPil(**{"min_pixels": 96 * 96, "max_pixels": 96 * 96, **settings})
+    batch = [IMAGES["gradient_rgb"], IMAGES["gray_37x61"]]
+    assert_same(VisionPreprocessor(processor)(batch), reference(processor, batch))
+
+
+@pytest.mark.parametrize("bad, message", [
+    ([], "no images"),
+    ([np.zeros((32, 32), np.uint8)], r"image 0: expected an \(H, W, 3\) uint8 RGB array, got a uint8 array of shape"),
+    ([IMAGES["gray_56"], np.zeros((32, 32, 4), np.uint8)], "image 1: .* shape \\(32, 32, 4\\)"),
+    ([np.zeros((32, 32, 3), np.float32)], "image 0: .* float32 array"),
+    ([np.zeros((0, 32, 3), np.uint8)], r"shape \(0, 32, 3\)"),
+    ([Image.new("RGB", (32, 32))], "image 0: expected .* got a <class 'PIL.Image.Image'>"),
+    ([np.zeros((1, 300, 3), np.uint8)], "aspect ratio"),
+])
+def test_bad_input(processors, bad, message):
+    with pytest.raises(ValueError, match=message):
+        VisionPreprocessor(processors[TINY])(bad)
