@@ -1,0 +1,133 @@
+"""Training runs on the phantom with the tiny model: one process in-process, exact kill-and-resume, and 2-process
+torchrun + gloo runs with DDP and FSDP2 (which must agree step for step)."""
+
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from model.checkpoint import load_checkpoint
+from tests.helpers import REPO
+from training.config import load_config
+from training.loop import train
+from training.observe import read_metrics
+
+# 2 tasks (one segmenting, one text-only), a 16-case phantom at 64 px, 2 samples per step.
+SMALL = ["data.phantom.n=16", "data.tasks={grounding: 4, visual_prompt: 4}", "micro_batch_size=2", "log_every=100",
+         "eval_every=0", "save_every=100"]
+
+
+def run_in_process(out, *overrides):
+    return train(load_config(REPO / "configs/phantom_tiny.yaml", [*SMALL, f"output_dir={out}", *overrides]))
+
+
+def losses(run_dir):
+    return {m["step"]: m["loss"] for m in read_metrics(run_dir)}
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train") / "full"
+    run_in_process(out, "max_steps=6", "eval_every=3", "eval_samples=4")
+    return out
+
+
+def test_single_process_run(full_run):
+    metrics = read_metrics(full_run)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+    for m in metrics:
+        assert math.isfinite(m["loss"]) and m["loss"] > 0 and m["samples_per_s"] > 0 and m["rss_peak_mb"] > 0
+        segments = "grounding" in m["tasks"]
+        assert (m["dice"] is not None) == segments and (m["seg_dice"] is not None) == segments
+        expected = m["ce"] + (m["dice"] + m["bce"] if segments else 0.0)  # loss weights 1 : 1 : 1
+        assert m["loss"] == pytest.approx(expected, rel=1e-6)
+    assert {t for m in metrics for t in m["tasks"]} == {"grounding", "visual_prompt"}
+    assert [m["lr"] for m in metrics] == pytest.approx([1e-3 * f for f in (1.0, 1.0, 0.8535534, 0.5, 0.1464466, 0.0)])
+    assert 0.0 <= metrics[2]["valid_dice"] <= 1.0 and "valid_dice" in metrics[5]
+    assert (full_run / "config.yaml").is_file() and "max_steps: 6" in (full_run / "config.yaml").read_text()
+    assert any((full_run / "tensorboard").glob("events.out.tfevents.*"))  # tensorboard is pinned in requirements
+
+
+def test_checkpoint_loads_and_holds_the_trained_tensors(full_run):
+    step = full_run / "checkpoints" / (full_run / "checkpoints" / "latest").read_text()
+    assert step.name == "step_000006"
+    model, _, _ = load_checkpoint(step / "model")
+    trained = torch.load(step / "trainer" / "trainable.pt", weights_only=True)
+    own = dict(model.named_parameters())
+    assert {n for n, p in own.items() if p.requires_grad} <= trained.keys()
+    for name in ("seg_module.mask_embed_proj.0.weight", "vlm.model.language_model.embed_tokens.trainable_rows"):
+        assert torch.equal(own[name], trained[name]), name
+    lora = [n for n in trained if ".lora_B." in n]
+    assert lora and any(trained[n].abs().sum() > 0 for n in lora)  # LoRA B starts at zero: it trained
+    assert load_file(step / "model" / "seg_module.safetensors")
+
+
+@pytest.mark.slow
+def test_kill_and_resume_repeats_the_losses(full_run, tmp_path):
+    out = tmp_path / "interrupted"
+    run_in_process(out, "max_steps=6", "stop_after=3")  # the schedule still spans 6 steps
+    assert sorted(losses(out)) == [1, 2, 3]
+    shutil.rmtree(out / "tensorboard", ignore_errors=True)
+    run_in_process(out, "max_steps=6", f"resume_from={out}")
+    assert losses(out) == losses(full_run)  # exact, every step (the seg module first trains after the resume)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(out, parallel, *overrides):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "train.py",
+           "--config", "configs/phantom_tiny.yaml", *SMALL, "micro_batch_size=1", "grad_accumulation=2",
+           f"output_dir={out}", f"parallel={parallel}", *overrides]
+    # Own session: on a timeout the whole group (launcher and both workers) is killed, leaving no orphans.
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    torchrun(out, "ddp", "max_steps=4", "save_every=2")
+    return out
+
+
+@pytest.mark.slow
+def test_ddp_two_processes(ddp_run):
+    metrics = read_metrics(ddp_run)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    # each step: 2 ranks × 2 micro-steps; text-only and segmenting micro-steps both occur (unused seg module)
+    assert any(m["tasks"] == ["visual_prompt"] for m in metrics) and any("grounding" in m["tasks"] for m in metrics)
+    assert all(math.isfinite(m["loss"]) for m in metrics)
+    assert (ddp_run / "checkpoints" / "step_000004" / "model" / "omniabnorm.json").is_file()
+    assert (ddp_run / "checkpoints" / "step_000002" / "trainer" / "rng_rank1.pt").is_file()
+
+
+@pytest.mark.slow
+def test_fsdp2_matches_ddp_and_resumes(ddp_run, tmp_path):
+    """Same data, same initialisation, same averaged gradients: FSDP2 must reproduce DDP's losses. A text-only
+    step leaves the segmentation module without gradients in both (DDP's find_unused_parameters)."""
+    out = tmp_path / "fsdp"
+    torchrun(out, "fsdp", "max_steps=4", "save_every=2", "stop_after=2")
+    torchrun(out, "fsdp", "max_steps=4", "save_every=2", f"resume_from={out}")
+    fsdp, ddp = losses(out), losses(ddp_run)
+    assert sorted(fsdp) == [1, 2, 3, 4]
+    assert [fsdp[s] for s in range(1, 5)] == pytest.approx([ddp[s] for s in range(1, 5)], abs=1e-6)
