@@ -97,6 +97,32 @@ class OmniAbnormCT(nn.Module):
         total = w.ce * ce + w.dice * dice + w.bce * bce
         return OmniAbnormOutput(total, ce.detach(), dice.detach(), bce.detach(), logits, mask_logits, query_mask)
 
+    @torch.no_grad()
+    def seg_queries(
+        self,
+        input_ids: Tensor,  # (B, L) prompt + generated tokens; padding anywhere, marked by attention_mask
+        attention_mask: Tensor,  # (B, L)
+        mm_token_type_ids: Tensor,  # (B, L)
+        pixel_values: Tensor | None = None,
+        image_grid_thw: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Inference: the segmentation queries of finished sequences, as training computes them.
+
+        One forward over the whole sequences (3D rope positions recomputed from the attention mask, so left and
+        right padding are both fine). Returns queries (B, N, D) — the last-layer hidden state after the final norm
+        at each `<SEG>` input position —, query_mask (B, N), and seg_probability (B, N) float32: the probability the
+        model gave `<SEG>` at the step that emitted it (softmax of the logits one position earlier).
+        """
+        hidden = self.vlm.model(
+            input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids, use_cache=False,
+        ).last_hidden_state
+        queries, query_mask = gather_seg_queries(hidden, input_ids, self.seg_token_id)
+        # Hidden state one position before each <SEG>: the one whose logits chose it.
+        before, _ = gather_seg_queries(hidden[:, :-1], input_ids[:, 1:], self.seg_token_id)
+        seg_probability = self.vlm.lm_head(before).float().softmax(dim=-1)[..., self.seg_token_id]
+        return queries, query_mask, seg_probability * query_mask
+
     @staticmethod
     def _check_targets(query_mask: Tensor, seg_masks: Tensor, seg_target_mask: Tensor | None) -> None:
         """Each sample needs exactly one target mask per `<SEG>` it contains; a mismatch is a data bug."""

@@ -1,0 +1,1 @@
+"""Inference: CT input → model → findings, report.json and overlays (SPEC §6). Entry point: inference.py."""

@@ -1,0 +1,123 @@
+"""Batched greedy generation and segmentation for the fused model.
+
+Prompts are encoded exactly as training encodes conversations (dataset.conversation.encode, same chat text, same
+image-token counts) and batched with LEFT padding plus an attention mask, so every row's last prompt token sits at
+the end and generation continues all rows in step. Qwen2.5-VL's 3D rope positions and their per-row deltas are
+computed by transformers from `mm_token_type_ids`, `image_grid_thw` and the attention mask, so padding does not move
+any real token's position (tests/test_inference.py checks a batch against each row alone).
+
+`<SEG>` queries are taken as training takes them: one forward over prompt + generated tokens
+(`OmniAbnormCT.seg_queries`), last-layer hidden state after the final norm at each `<SEG>` input position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dataset.conversation import Turn, encode
+from dataset.vision import VisionPreprocessor
+from model.omniabnorm import OmniAbnormCT
+
+
+@dataclass
+class Prompt:
+    """One row of a generation batch: the conversation so far (ending in a user or tool turn) and its images."""
+
+    turns: list[Turn]
+    images: list[np.ndarray]  # (H, W, 3) uint8 each, in order of appearance
+
+
+@dataclass
+class EncodedPrompt:
+    input_ids: Tensor  # (L,)
+    mm_token_type_ids: Tensor  # (L,)
+    pixel_values: Tensor  # (patches, C·T·P·P)
+    image_grid_thw: Tensor  # (images, 3)
+
+
+@dataclass
+class Generated:
+    """One row's output: token ids up to (not including) the end-of-turn token, and the decoded text."""
+
+    prompt: EncodedPrompt
+    token_ids: Tensor  # (T,)
+    text: str  # decoded with special tokens kept (so `<SEG>` stays visible)
+    finished: bool  # False when max_new_tokens ran out before <|im_end|>
+
+
+class Generator:
+    """Encodes prompts, generates greedily in batches, and computes the `<SEG>` queries of generated rows."""
+
+    def __init__(self, model: OmniAbnormCT, tokenizer, image_processor, device: torch.device):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.vision = VisionPreprocessor(image_processor)
+        self.merge = image_processor.merge_size ** 2
+        self.image_token_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        self.eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+
+    def encode(self, prompt: Prompt) -> EncodedPrompt:
+        pixel_values, grid = self.vision(prompt.images)
+        conversation = encode(self.tokenizer, prompt.turns, (grid.prod(dim=1) // self.merge).tolist(),
+                              self.image_token_id, add_generation_prompt=True)
+        return EncodedPrompt(conversation.input_ids, conversation.mm_token_type_ids, pixel_values, grid)
+
+    def batch(self, rows: Sequence[tuple[EncodedPrompt, Tensor]]) -> dict[str, Tensor]:
+        """(prompt, continuation ids) rows → left-padded model kwargs on the device: input_ids, attention_mask,
+        mm_token_type_ids (B, L), pixel_values and image_grid_thw of all rows' images in row order."""
+        length = max(p.input_ids.numel() + c.numel() for p, c in rows)
+        ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        mm = torch.zeros((len(rows), length), dtype=torch.long)
+        for b, (p, cont) in enumerate(rows):
+            n = p.input_ids.numel() + cont.numel()
+            ids[b, length - n:] = torch.cat([p.input_ids, cont])
+            mm[b, length - n:length - cont.numel()] = p.mm_token_type_ids
+            mask[b, length - n:] = 1
+        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device),
+                "mm_token_type_ids": mm.to(self.device),
+                "pixel_values": torch.cat([p.pixel_values for p, _ in rows]).to(self.device, self.model.vlm.dtype),
+                "image_grid_thw": torch.cat([p.image_grid_thw for p, _ in rows]).to(self.device)}
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[EncodedPrompt], max_new_tokens: int, logits_processor=None
+                 ) -> list[Generated]:
+        """Greedy decoding of all prompts in one batch (left padding, KV cache on)."""
+        empty = torch.zeros(0, dtype=torch.long)
+        inputs = self.batch([(p, empty) for p in prompts])
+        # Every setting explicit: a base model's generation_config (Qwen2.5-VL-7B-Instruct: repetition_penalty 1.05,
+        # sampling settings) would otherwise fill in whatever is left unset.
+        out = self.model.vlm.generate(**inputs, do_sample=False, num_beams=1, repetition_penalty=1.0,
+                                      max_new_tokens=max_new_tokens, eos_token_id=self.eos_id,
+                                      pad_token_id=self.pad_id, use_cache=True, logits_processor=logits_processor)
+        new = out[:, inputs["input_ids"].shape[1]:].cpu()
+        results = []
+        for prompt, row in zip(prompts, new):
+            ends = (row == self.eos_id).nonzero()
+            finished = bool(len(ends))
+            tokens = row[: int(ends[0]) if finished else row.numel()]
+            text = self.tokenizer.decode(tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            results.append(Generated(prompt, tokens, text, finished))
+        return results
+
+    @torch.no_grad()
+    def seg_queries(self, rows: Sequence[Generated]) -> tuple[Tensor, Tensor, Tensor]:
+        """Generated rows → queries (B, N, D), query_mask (B, N), seg_probability (B, N), on the device."""
+        inputs = self.batch([(g.prompt, g.token_ids) for g in rows])
+        return self.model.seg_queries(**inputs)
+
+    @torch.no_grad()
+    def segment(self, seg_slices: Sequence[np.ndarray], queries: Tensor, query_mask: Tensor) -> np.ndarray:
+        """Batched segmentation: stacks (S, size, size) per row + queries (B, N, D) → probabilities (B, N, size,
+        size) float32 (padded query slots are 0)."""
+        seg = self.model.seg_module
+        slices = torch.from_numpy(np.stack(seg_slices)).to(self.device, next(seg.parameters()).dtype)
+        logits = seg(slices, queries, query_mask)
+        return logits.float().sigmoid().cpu().numpy()
