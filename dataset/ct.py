@@ -42,6 +42,12 @@ def window_to_uint8(hu: np.ndarray, level: float, width: float) -> np.ndarray:
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
+def stretch_to_uint8(gray: np.ndarray) -> np.ndarray:
+    """(H, W) → uint8 spread over its own min..max: how the released pipeline fed the key slice to the VLM."""
+    lo, hi = float(gray.min()), float(gray.max())
+    return np.rint((gray - lo) * (255.0 / max(hi - lo, 1e-10))).astype(np.uint8)
+
+
 @dataclass
 class SliceStack:
     """Slices of one plane, in display orientation, with the key slice marked.

@@ -40,6 +40,9 @@ VISUAL_PROMPT_ALL: dict[str, str] = {
 }
 
 GROUNDED_REPORT_EVAL = "Please localize all the abnormalities on this CT image and describe the findings."
+# Per-finding flow (ours, SPEC §3.3): its own wording, so a model trained on both flows knows which answer is wanted.
+PER_FINDING_REQUEST = "describe each finding separately"
+GROUNDED_REPORT_PER_FINDING_EVAL = f"Please localize all the abnormalities on this CT image and {PER_FINDING_REQUEST}."
 NO_ABNORMALITY = "I don't see any abnormalities on the image."
 NO_RELEVANT_ABNORMALITY = "I don't see any relevant abnormalities on the image."
 # Generic image–report corpora carry no instruction of their own (our choice; the original shipped none).
@@ -65,15 +68,16 @@ def visual_prompt_instruction(kind: PromptKind, scope: Literal["single", "group"
     return f"{VISUAL_PROMPT_ALL[kind]} {REPORT_SUFFIX}"
 
 
-def grounding_instruction(rng: np.random.Generator, describe: bool) -> str:
+def grounding_instruction(rng: np.random.Generator, describe: bool, per_finding: bool = False) -> str:
     """One random instruction from the template; words joined by single spaces, first letter capitalised (the
-    original's empty-prefix case left a leading space and a lower-case first word)."""
+    original's empty-prefix case left a leading space and a lower-case first word). `per_finding` asks to
+    "describe each finding separately" instead of "describe the findings"."""
     prefix, suffix = GROUNDING_PREFIX_SUFFIX[rng.integers(len(GROUNDING_PREFIX_SUFFIX))]
     words = [prefix, GROUNDING_VERBS[rng.integers(len(GROUNDING_VERBS))],
              GROUNDING_TARGETS[rng.integers(len(GROUNDING_TARGETS))],
              GROUNDING_CONDITIONS[rng.integers(len(GROUNDING_CONDITIONS))]]
     if describe:
-        words.append("and describe the findings")
+        words.append(f"and {PER_FINDING_REQUEST}" if per_finding else "and describe the findings")
     text = " ".join(w for w in words if w) + suffix
     return text[0].upper() + text[1:]
 

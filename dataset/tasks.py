@@ -33,9 +33,10 @@ from torch.utils.data import Dataset
 from dataset.augment import SegAugment
 from dataset.collate import Sample
 from dataset.conversation import Turn, encode
-from dataset.ct import InputError, window_to_uint8
+from dataset.ct import InputError, stretch_to_uint8, window_to_uint8
 from dataset.prompts import (
     GROUNDED_REPORT_EVAL,
+    GROUNDED_REPORT_PER_FINDING_EVAL,
     NO_ABNORMALITY,
     NO_RELEVANT_ABNORMALITY,
     REPORT_CORPUS_INSTRUCTION,
@@ -68,12 +69,6 @@ class RecordImages:
     key_rgb: np.ndarray  # (H, W, 3) uint8, the key slice as the VLM sees it
     stack: np.ndarray  # (2·CONTEXT+1, size, size) float32, z-scored
     to_model: Callable[[np.ndarray], np.ndarray]  # (N, H, W) bool masks → (N, size, size) bool
-
-
-def stretch_to_uint8(gray: np.ndarray) -> np.ndarray:
-    """(H, W) → uint8 spread over min..max: how the released pipeline fed the key slice to the VLM."""
-    lo, hi = float(gray.min()), float(gray.max())
-    return np.rint((gray - lo) * (255.0 / max(hi - lo, 1e-10))).astype(np.uint8)
 
 
 def load_record_images(record: Record, rng: np.random.Generator, train: bool, seg_size: int = SEG_SIZE
@@ -307,7 +302,8 @@ class PerFindingReportTask(RecordTask):
         groups = record.groups()
         answer = (findings_text([self.target(g.description, g.rewritten_findings, rng) for g in groups],
                                 seg_after_each=True) if groups else NO_ABNORMALITY)
-        instruction = grounding_instruction(rng, describe=True) if self.train else GROUNDED_REPORT_EVAL
+        instruction = (grounding_instruction(rng, describe=True, per_finding=True) if self.train
+                       else GROUNDED_REPORT_PER_FINDING_EVAL)
         turns = [Turn("user", instruction, images=1), Turn("assistant", answer)]
         return self.builder(turns, [images.key_rgb], images.stack, images.to_model(self.unions(record, masks, groups)),
                             rng, self.meta(record, groups=[g.ids for g in groups]))
