@@ -163,7 +163,12 @@ def load_checkpoint(checkpoint_dir: str | Path, base_model: str | Path | None = 
 
     state = load_file(ckpt / "vlm_trained.safetensors")
     _load_exact(model.vlm, state, set(trained_vlm_state(model)), f"{ckpt.name}: trained tensors")
-    missing, unexpected = safetensors.torch.load_model(model.seg_module, str(ckpt / "seg_module.safetensors"), strict=False)
+    try:
+        missing, unexpected = safetensors.torch.load_model(model.seg_module, str(ckpt / "seg_module.safetensors"),
+                                                           strict=False)
+    except RuntimeError as err:  # torch's "size mismatch for …": the saved module was built with other sizes
+        detail = " ".join(str(err).split())[:400]
+        raise CheckpointError(f"{ckpt.name}: segmentation module does not fit the configured sizes ({detail})") from None
     if missing or unexpected:
         raise CheckpointError(f"{ckpt.name}: segmentation module mismatch (missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]})")
