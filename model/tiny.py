@@ -47,6 +47,9 @@ TINY_SEG = SegModuleConfig(
 )
 
 
+LM_HEAD_SCALE = 10.0  # see write_tiny_base
+
+
 def _train_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -90,6 +93,10 @@ def write_tiny_base(out_dir: str | Path, seed: int = 0) -> Path:
     tokenizer = _train_tokenizer()
     torch.manual_seed(seed)
     vlm = Qwen2_5_VLForConditionalGeneration(tiny_vlm_config(tokenizer))
+    # A pretrained LM's logits span several units; a fresh 0.02-std head on 64 dims gives about ±1, which caps what
+    # LoRA (with the head frozen, as in the released recipe) can learn near ln(vocab). Scale the head like a trained one.
+    with torch.no_grad():
+        vlm.lm_head.weight.mul_(LM_HEAD_SCALE)
     vlm.save_pretrained(out)
     tokenizer.save_pretrained(out)
     Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2).save_pretrained(out)
