@@ -155,6 +155,8 @@ def load_checkpoint(checkpoint_dir: str | Path, base_model: str | Path | None = 
     cfg = ModelConfig.from_dict(meta["model"])
     if base_model is not None:
         cfg.base_model = str(base_model)
+    elif not Path(cfg.base_model).is_absolute() and (ckpt / cfg.base_model).is_dir():
+        cfg.base_model = str(ckpt / cfg.base_model)  # a base shipped inside the checkpoint (checkpoint/demo/)
     tokenizer = AutoTokenizer.from_pretrained(str(ckpt / "tokenizer"))
     # The segmentation module is read from our file below, so the starting point need not carry one.
     model, tokenizer, image_processor = load_starting_point(cfg, tokenizer, require_seg_module=False)

@@ -78,3 +78,10 @@ def test_every_torch_load_uses_weights_only():
     hits = [f"{p.name}: {line.strip()}" for p in sources for line in p.read_text().splitlines() if call in line]
     assert any("checkpoint.py" in h for h in hits), "expected at least the released-checkpoint loader"
     assert all("weights_only=True" in h for h in hits), hits
+
+
+def test_demo_checkpoint_loads_with_its_bundled_base():
+    """checkpoint/demo/ names its tiny base relative to itself, so it loads from any working folder."""
+    model, tokenizer, _ = load_checkpoint(REPO / "checkpoint" / "demo")
+    assert model.config.base_model == str(REPO / "checkpoint" / "demo" / "base_model")
+    assert tokenizer.convert_tokens_to_ids("<SEG>") == model.seg_token_id
