@@ -49,7 +49,7 @@ def test_single_process_run(full_run):
         expected = m["ce"] + (m["dice"] + m["bce"] if segments else 0.0)  # loss weights 1 : 1 : 1
         assert m["loss"] == pytest.approx(expected, rel=1e-6)
     assert {t for m in metrics for t in m["tasks"]} == {"grounding", "visual_prompt"}
-    assert [m["lr"] for m in metrics] == pytest.approx([1e-3 * f for f in (1.0, 1.0, 0.8535534, 0.5, 0.1464466, 0.0)])
+    assert [m["lr"] for m in metrics] == pytest.approx([3e-3 * f for f in (1.0, 1.0, 0.8535534, 0.5, 0.1464466, 0.0)])
     assert 0.0 <= metrics[2]["valid_dice"] <= 1.0 and "valid_dice" in metrics[5]
     assert (full_run / "config.yaml").is_file() and "max_steps: 6" in (full_run / "config.yaml").read_text()
     assert any((full_run / "tensorboard").glob("events.out.tfevents.*"))  # tensorboard is pinned in requirements
