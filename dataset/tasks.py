@@ -250,7 +250,8 @@ class VisualPromptTask(RecordTask):
 
 
 class GroundingTask(RecordTask):
-    """Grounding only: template instruction without "and describe the findings" → `<SEG>`, mask = union."""
+    """Grounding only: template instruction without "and describe the findings" → `<SEG>`, mask = union. Subclasses
+    change the conversation (`turns`) and the targets (`targets`: one mask per `<SEG>`)."""
 
     task = "grounding"
     segments = True
@@ -262,10 +263,14 @@ class GroundingTask(RecordTask):
     def build(self, item, rng):
         record = self.records[item]
         images, masks = self.load(record, rng)
-        union = masks.any(axis=0, keepdims=True) if len(masks) else np.zeros((1, *masks.shape[1:]), dtype=bool)
         turns, tool_images = self.turns(record, images, masks, rng)
-        return self.builder(turns, [images.key_rgb, *tool_images], images.stack, images.to_model(union), rng,
-                            self.meta(record))
+        return self.builder(turns, [images.key_rgb, *tool_images], images.stack,
+                            images.to_model(self.targets(record, masks)), rng,
+                            self.meta(record, groups=[g.ids for g in record.groups()]))
+
+    def targets(self, record: Record, masks: np.ndarray) -> np.ndarray:
+        """(1, H, W): the union of all findings (empty for a normal image)."""
+        return masks.any(axis=0, keepdims=True) if len(masks) else np.zeros((1, *masks.shape[1:]), dtype=bool)
 
     def turns(self, record: Record, images: RecordImages, masks: np.ndarray, rng) -> tuple[list[Turn], list]:
         return [Turn("user", grounding_instruction(rng, describe=False), images=1),
@@ -286,27 +291,21 @@ class GroundedReportTask(GroundingTask):
                 Turn("tool", "", images=1), Turn("assistant", answer)], [self.boxed(images.key_rgb, masks, rng)]
 
 
-class PerFindingReportTask(RecordTask):
+class PerFindingReportTask(GroundingTask):
     """One round, one `<SEG>` per finding: `Findings k: <description> <SEG>` with that group's mask."""
 
     task = "grounded_report_per_finding"
-    segments = True
 
-    def __init__(self, records: Sequence[Record], builder: SampleBuilder, seed: int = 0, train: bool = True):
-        super().__init__(records, builder, seed, train)
-        self.items = list(range(len(self.records)))
+    def targets(self, record, masks):
+        return self.unions(record, masks, record.groups())
 
-    def build(self, item, rng):
-        record = self.records[item]
-        images, masks = self.load(record, rng)
+    def turns(self, record, images, masks, rng):
         groups = record.groups()
         answer = (findings_text([self.target(g.description, g.rewritten_findings, rng) for g in groups],
                                 seg_after_each=True) if groups else NO_ABNORMALITY)
         instruction = (grounding_instruction(rng, describe=True, per_finding=True) if self.train
                        else GROUNDED_REPORT_PER_FINDING_EVAL)
-        turns = [Turn("user", instruction, images=1), Turn("assistant", answer)]
-        return self.builder(turns, [images.key_rgb], images.stack, images.to_model(self.unions(record, masks, groups)),
-                            rng, self.meta(record, groups=[g.ids for g in groups]))
+        return [Turn("user", instruction, images=1), Turn("assistant", answer)], []
 
 
 class ReferringTask(RecordTask):
