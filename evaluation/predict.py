@@ -1,0 +1,189 @@
+"""Benchmark items from the validation files, and resumable prediction into a per-sample JSONL file.
+
+Items (one model call each) from `<root>/<plane>/<plane>_valid.json`:
+- visual_prompt: every abnormality × prompt type (bbox, ellipse, contour, cropped), the pre-rendered image
+  `visual_instruction/<type>_<id>.png` as input; reference = the abnormality's description.
+- grounded: every sample (normal ones too); reference = `Findings k: <group description>` lines, or the refusal.
+- text_guided: per group its first referring question (positive; reference = the group description, mask = the
+  group's union) and per abnormal sample the first negative question (reference = the refusal, empty mask).
+
+`predictions.jsonl` gets one line per item as soon as its batch is done; a rerun skips the items already there and
+drops a truncated last line left by a crash. `predictions.meta.json` records the checkpoint, so a rerun with another
+one is refused instead of mixing models in one file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from dataset.ct import InputError
+from dataset.prompts import NO_ABNORMALITY, NO_RELEVANT_ABNORMALITY
+from dataset.records import Record, load_records
+from dataset.visual_prompt import PROMPT_KINDS
+from inference.cases import Case
+from inference.report import mask_rle
+
+BENCHMARKS = ("visual_prompt", "grounded", "text_guided")
+PLANES = ("axial", "coronal", "sagittal")
+PREDICTIONS = "predictions.jsonl"
+
+
+@dataclass
+class Item:
+    key: str  # unique within a run: task/plane/sample/unit
+    task: str
+    plane: str
+    sample_id: str
+    abn_ids: list[int]  # the abnormalities the item is about (all of the sample for grounded)
+    reference: str
+    categories: list[list[str]]  # taxonomy path of each abnormality in abn_ids
+    prompt_type: str | None = None  # visual_prompt: bbox | ellipse | contour | cropped
+    polarity: str | None = None  # text_guided: positive | negative
+    question: str | None = None
+    case: dict = field(default_factory=dict)  # the inference Case's fields
+
+
+def annotation_files(data_root: Path, planes: Sequence[str] = PLANES) -> dict[str, Path]:
+    """plane → `<root>/<plane>/<plane>_valid.json` for the planes that have one; InputError when none does."""
+    files = {p: data_root / p / f"{p}_valid.json" for p in planes}
+    files = {p: f for p, f in files.items() if f.is_file()}
+    if not files:
+        raise InputError(f"no validation file under {data_root}: expected <plane>/<plane>_valid.json for a plane of "
+                         f"{', '.join(planes)} (the OmniAbnorm-CT-14K layout, or python -m dataset.phantom output)")
+    return files
+
+
+def build_items(records: Sequence[Record], plane: str, tasks: Sequence[str] = BENCHMARKS,
+                types: Sequence[str] = PROMPT_KINDS, flow: str = "union") -> list[Item]:
+    items = []
+    for r in records:
+        groups = r.groups()
+        base = dict(plane=plane, sample_id=r.sample_id)
+        folder = dict(input=str(r.image_dir), naming="offset")
+        if "visual_prompt" in tasks:
+            for a in r.abnormalities:
+                for kind in types:
+                    image = r.image_dir / "visual_instruction" / f"{kind}_{a.id}.png"
+                    items.append(Item(f"visual_prompt/{plane}/{r.sample_id}/{a.id}/{kind}", "visual_prompt",
+                                      abn_ids=[a.id], reference=a.description, categories=[a.category],
+                                      prompt_type=kind, case=dict(input=str(image), task="visual_prompt", mark=kind),
+                                      **base))
+        if "grounded" in tasks:
+            reference = "\n".join(f"Findings {k}: {g.description}" for k, g in enumerate(groups, 1)) or NO_ABNORMALITY
+            items.append(Item(f"grounded/{plane}/{r.sample_id}", "grounded", abn_ids=[a.id for a in r.abnormalities],
+                              reference=reference, categories=[a.category for a in r.abnormalities],
+                              case=dict(task="grounded", flow=flow, **folder), **base))
+        if "text_guided" in tasks:
+            for g in groups:
+                questions = [q for a in g.members for q in a.referring_prompts]
+                if questions:
+                    items.append(Item(f"text_guided/{plane}/{r.sample_id}/g{g.id}", "text_guided", abn_ids=g.ids,
+                                      reference=g.description, categories=[a.category for a in g.members],
+                                      polarity="positive", question=questions[0],
+                                      case=dict(task="text_guided", prompt=questions[0], **folder), **base))
+            negatives = [q for a in r.abnormalities for q in a.negative_prompts]
+            if negatives:
+                items.append(Item(f"text_guided/{plane}/{r.sample_id}/neg", "text_guided", abn_ids=[],
+                                  reference=NO_RELEVANT_ABNORMALITY, categories=[], polarity="negative",
+                                  question=negatives[0], case=dict(task="text_guided", prompt=negatives[0], **folder),
+                                  **base))
+    return items
+
+
+def read_done(path: Path) -> dict[str, dict]:
+    """key → prediction line of a predictions file; a truncated last line (crash mid-write) is cut off the file.
+    A damaged line before the last one means the file was edited or mixed: InputError."""
+    if not path.is_file():
+        return {}
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    done: dict[str, dict] = {}
+    good_bytes = 0
+    for i, line in enumerate(lines):
+        if not line.strip():
+            good_bytes += len(line) + 1
+            continue
+        try:
+            entry = json.loads(line)
+            done[entry["key"]] = entry
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            if i == len(lines) - 1:  # the last line, without its newline: a write cut short
+                with path.open("r+b") as file:
+                    file.truncate(good_bytes)
+                break
+            raise InputError(f"{path} line {i + 1} is not a prediction (damaged file); delete it or its bad "
+                             f"lines and rerun to predict the missing items again") from None
+        good_bytes += len(line) + 1
+    return done
+
+
+def check_meta(out: Path, meta: dict) -> None:
+    """Write `predictions.meta.json` (atomically) or check a resumed run matches it."""
+    path = out / "predictions.meta.json"
+    if path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        changed = [k for k in meta if old.get(k) != meta[k]]
+        if changed:
+            raise InputError(f"{out} holds predictions of another run ({', '.join(changed)} differ: "
+                             f"{[old.get(k) for k in changed]} vs {[meta[k] for k in changed]}); use another OUT "
+                             f"folder or delete {path.parent / PREDICTIONS} to start over")
+        return
+    write_text_atomic(path, json.dumps(meta, indent=1) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def prediction_line(item: Item, report) -> dict:
+    """What scoring needs of one report: the text, refusal, `<SEG>` count and the masks (RLE, key-slice grid)."""
+    masks = [f.mask for f in report.findings if f.mask is not None]
+    union = None
+    if masks:
+        union = masks[0].copy()
+        for m in masks[1:]:
+            union |= m
+    return {**asdict(item), "text": report.text, "refusal": report.refusal,
+            "seg_tokens": report.generation["seg_tokens"], "flow": report.flow,
+            "mask_rle": mask_rle(union) if union is not None else None,
+            "finding_masks_rle": [mask_rle(f.mask) if f.mask is not None else None for f in report.findings],
+            "finding_texts": [f.text for f in report.findings],
+            "seconds": report.timing["batch_seconds"] / report.timing["batch_cases"]}
+
+
+def predict(pipeline, items: Sequence[Item], out: Path, progress: bool = True) -> Iterator[dict]:
+    """Run the items not yet in `out/predictions.jsonl`, appending one line each (flushed and fsynced per batch)."""
+    path = out / PREDICTIONS
+    done = read_done(path)
+    todo = [it for it in items if it.key not in done]
+    bar = tqdm(total=len(items), initial=len(items) - len(todo), desc="predict", unit="item", disable=not progress)
+    with path.open("a", encoding="utf-8") as file:
+        for start in range(0, len(todo), pipeline.batch_size):
+            batch = todo[start:start + pipeline.batch_size]
+            reports = pipeline.run([Case(**it.case) for it in batch], [str(i) for i in range(len(batch))])
+            for it, report in zip(batch, reports):
+                line = prediction_line(it, report)
+                file.write(json.dumps(line) + "\n")
+                yield line
+            file.flush()
+            os.fsync(file.fileno())
+            bar.update(len(batch))
+    bar.close()
+
+
+def load_items(data_root: Path, planes: Sequence[str], tasks: Sequence[str], types: Sequence[str], flow: str,
+               limit: int | None = None) -> list[Item]:
+    items = []
+    for plane, path in annotation_files(data_root, planes).items():
+        records = load_records(path, data_root)
+        items += build_items(records[:limit] if limit else records, plane, tasks, types, flow)
+    return items
