@@ -342,7 +342,8 @@ class ReferringTask(RecordTask):
         group = record.groups()[g]
         images, masks = self.load(record, rng)
         question = self.negative_question(record, rng) if rng.random() < self.negative_probability else None
-        if question is None:  # positive
+        positive = question is None  # also when no negative question exists for this image
+        if positive:
             prompts = [p for a in group.members for p in a.referring_prompts]
             question = prompts[rng.integers(len(prompts))]
             target = self.unions(record, masks, [group])
@@ -350,7 +351,6 @@ class ReferringTask(RecordTask):
         else:
             target = np.zeros((1, *masks.shape[1:]), dtype=bool)
             answer = NO_RELEVANT_ABNORMALITY
-        positive = answer != NO_RELEVANT_ABNORMALITY
         meta = self.meta(record, group=group.ids, positive=positive, question=question)
         if self.two_round:
             turns = [Turn("user", question, images=1), Turn("assistant", SEG_TOKEN), Turn("tool", "", images=1),
