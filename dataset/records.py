@@ -88,18 +88,19 @@ class Record:
     def slice_path(self, offset: int) -> Path:
         return _find(self.image_dir, str(offset), SLICE_SUFFIXES, f"slice {offset} of sample {self.sample_id}")
 
+    def read_slice(self, offset: int) -> np.ndarray:
+        """(H, W) float32: display values (8-bit files) or HU (converted files) of the slice at `offset`."""
+        array = load_image_array(self.slice_path(offset))
+        if array.ndim == 3:  # colour-saved gray slices: luma, as a radiologist's viewer would show them
+            array = array[..., :3] @ np.array([0.299, 0.587, 0.114])
+        values = array.astype(np.float32)
+        if self.hu_offset is not None:
+            values -= self.hu_offset
+        return values
+
     def read_slices(self) -> dict[int, np.ndarray]:
-        """offset → (H, W) float32: display values (8-bit files) or HU (converted files); all the key slice's size."""
-        slices = {}
-        for offset in self.context:
-            path = self.slice_path(offset)
-            array = load_image_array(path)
-            if array.ndim == 3:  # colour-saved gray slices: luma, as a radiologist's viewer would show them
-                array = array[..., :3] @ np.array([0.299, 0.587, 0.114])
-            values = array.astype(np.float32)
-            if self.hu_offset is not None:
-                values -= self.hu_offset
-            slices[offset] = values
+        """offset → `read_slice(offset)` for every offset of `context`; all the key slice's size."""
+        slices = {offset: self.read_slice(offset) for offset in self.context}
         shape = slices[0].shape
         for offset, values in slices.items():
             if values.shape != shape:

@@ -71,17 +71,24 @@ class RecordImages:
     to_model: Callable[[np.ndarray], np.ndarray]  # (N, H, W) bool masks → (N, size, size) bool
 
 
+def record_window(record: Record, rng: np.random.Generator | None, train: bool) -> tuple[float, float]:
+    """[lo, hi] HU to show an HU record with: one of its dataset's windows, each bound jittered by up to ±20 % of the
+    width in training; the first window in evaluation."""
+    if not record.windows:
+        raise InputError(f"sample {record.sample_id} stores HU but lists no 'windows' to display them with")
+    if not train:
+        return record.windows[0]
+    lo, hi = record.windows[rng.integers(len(record.windows))]
+    width = hi - lo
+    lo, hi = lo + rng.uniform(-1, 1) * WINDOW_JITTER * width, hi + rng.uniform(-1, 1) * WINDOW_JITTER * width
+    return min(lo, hi - 1.0), max(hi, lo + 1.0)
+
+
 def load_record_images(record: Record, rng: np.random.Generator, train: bool, seg_size: int = SEG_SIZE
                        ) -> RecordImages:
     slices = record.read_slices()
-    if record.hu_offset is not None:  # HU slices: a dataset window, jittered in training, then display values
-        if not record.windows:
-            raise InputError(f"sample {record.sample_id} stores HU but lists no 'windows' to display them with")
-        lo, hi = record.windows[rng.integers(len(record.windows))] if train else record.windows[0]
-        if train:
-            width = hi - lo
-            lo, hi = lo + rng.uniform(-1, 1) * WINDOW_JITTER * width, hi + rng.uniform(-1, 1) * WINDOW_JITTER * width
-            lo, hi = min(lo, hi - 1.0), max(hi, lo + 1.0)
+    if record.hu_offset is not None:  # HU slices: a dataset window, then display values
+        lo, hi = record_window(record, rng, train)
         slices = {o: np.clip(v, lo, hi) for o, v in slices.items()}
         key_gray = window_to_uint8(slices[0], (lo + hi) / 2, hi - lo)
     else:
@@ -236,9 +243,9 @@ class VisualPromptTask(RecordTask):
         if not self.online and path.is_file():
             array = load_image_array(path)
             return np.repeat(array[:, :, None], 3, axis=2) if array.ndim == 2 else array[..., :3]
-        key = record.read_slices()[0]
-        if record.hu_offset is not None:
-            lo, hi = record.windows[0]
+        key = record.read_slice(0)
+        if record.hu_offset is not None:  # drawn like the pre-rendered prompts: one fixed window
+            lo, hi = record_window(record, None, train=False)
             gray = window_to_uint8(key, (lo + hi) / 2, hi - lo)
         else:
             gray = np.clip(np.rint(key), 0, 255).astype(np.uint8)
