@@ -10,6 +10,12 @@ Items (one model call each) from `<root>/<plane>/<plane>_valid.json`:
 `predictions.jsonl` gets one line per item as soon as its batch is done; a rerun skips the items already there and
 drops a truncated last line left by a crash. `predictions.meta.json` records the checkpoint, so a rerun with another
 one is refused instead of mixing models in one file.
+
+Sharded over N processes (torchrun): the items not yet in `predictions.jsonl` are dealt round-robin, rank r taking
+the r-th, (r + N)-th, … of them, and each rank appends to its own `predictions.rank<r>of<N>.jsonl` the same way
+(resumable, torn last line cut off). After a barrier rank 0 folds the shards into `predictions.jsonl` in item order
+(written atomically, then the shards are deleted): the same lines in the same order as one process writes. Rank 0
+also folds leftover shards of a crashed run (any N) before predicting, so a restart skips what any rank had written.
 """
 
 from __future__ import annotations
@@ -160,12 +166,54 @@ def prediction_line(item: Item, report) -> dict:
             "seconds": report.timing["batch_seconds"] / report.timing["batch_cases"]}
 
 
-def predict(pipeline, items: Sequence[Item], out: Path, progress: bool = True) -> Iterator[dict]:
-    """Run the items not yet in `out/predictions.jsonl`, appending one line each (flushed and fsynced per batch)."""
-    path = out / PREDICTIONS
-    done = read_done(path)
-    todo = [it for it in items if it.key not in done]
-    bar = tqdm(total=len(items), initial=len(items) - len(todo), desc="predict", unit="item", disable=not progress)
+def shard_path(out: Path, rank: int, world_size: int) -> Path:
+    """The predictions file rank `rank` of a `world_size`-process run appends to."""
+    return out / f"predictions.rank{rank}of{world_size}.jsonl"
+
+
+def pending(items: Sequence[Item], out: Path, rank: int = 0, world_size: int = 1) -> tuple[Path, list[Item]]:
+    """(the file this rank appends to, the items it still has to predict, in item order).
+
+    One process: `predictions.jsonl` and the items not in it. Rank r of N: every N-th item from the r-th among those
+    not in `predictions.jsonl` (all ranks read the same file, so the shares are disjoint and cover the rest), minus
+    those its own shard already holds.
+    """
+    merged = read_done(out / PREDICTIONS)
+    if world_size == 1:
+        return out / PREDICTIONS, [it for it in items if it.key not in merged]
+    path = shard_path(out, rank, world_size)
+    own = read_done(path)
+    share = [it for it in items if it.key not in merged][rank::world_size]
+    return path, [it for it in share if it.key not in own]
+
+
+def merge_shards(out: Path, items: Sequence[Item]) -> None:
+    """Fold every `predictions.rank*of*.jsonl` in `out` into `predictions.jsonl`, then delete them: this run's items
+    in item order, then earlier predictions of other items in their previous order; the first line of a key wins.
+    Written atomically before any shard is deleted, so a crash in between loses nothing. No shard: nothing changes.
+    Rank 0 alone, while the other ranks wait at a barrier."""
+    shards = sorted(out.glob("predictions.rank*of*.jsonl"))
+    done = read_done(out / PREDICTIONS)  # also cuts a torn last line off
+    if not shards:
+        return
+    for shard in shards:
+        for key, line in read_done(shard).items():
+            done.setdefault(key, line)
+    ordered = [it.key for it in items if it.key in done]
+    in_run = set(ordered)
+    ordered += [key for key in done if key not in in_run]
+    write_text_atomic(out / PREDICTIONS, "".join(json.dumps(done[key]) + "\n" for key in ordered))
+    for shard in shards:
+        shard.unlink()
+
+
+def predict(pipeline, items: Sequence[Item], out: Path, progress: bool = True, rank: int = 0, world_size: int = 1
+            ) -> Iterator[dict]:
+    """Run this rank's pending items (see `pending`), appending one line each to its file (flushed and fsynced per
+    batch): `out/predictions.jsonl` in one process, its own shard under torchrun."""
+    path, todo = pending(items, out, rank, world_size)
+    desc = "predict" if world_size == 1 else f"predict (rank {rank} of {world_size})"
+    bar = tqdm(total=len(todo), desc=desc, unit="item", disable=not progress)
     with path.open("a", encoding="utf-8") as file:
         for start in range(0, len(todo), pipeline.batch_size):
             batch = todo[start:start + pipeline.batch_size]
