@@ -32,31 +32,45 @@ from model.tiny import write_tiny_base
 from model.tokenizer import add_seg_token
 
 
+def time_samples(n: int = 24, size: int = 512, repeats: int = 2, seg_size: int = 512,
+                 image_pixels: int = 512 * 512) -> dict[str, float]:
+    """Milliseconds of one thread per prepared sample, per record task (phantom of `n` cases of `size`² slices,
+    `repeats` passes over each task's items, after one warm-up sample). Leaves torch's thread count as it was."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = write_phantom(Path(tmp) / "phantom", n=n, seed=0, size=size)
+            base = write_tiny_base(Path(tmp) / "base")
+            tokenizer = AutoTokenizer.from_pretrained(base)
+            add_seg_token(tokenizer)
+            builder = SampleBuilder(tokenizer, build_image_processor(base, image_pixels), seg_size=seg_size,
+                                    augment=SegAugment())
+            records = load_records(root / "merged_train.json")
+            result = {}
+            for name, task_cls in RECORD_TASKS.items():
+                task = task_cls(records, builder, seed=0, train=True)
+                keys = [SampleKey(name, i, epoch) for epoch in range(repeats) for i in range(len(task))]
+                task[keys[0]]  # warm-up: imports, first-call allocations
+                start = time.perf_counter()
+                for key in keys:
+                    task[key]
+                result[name] = (time.perf_counter() - start) * 1e3 / len(keys)
+            return result
+    finally:
+        torch.set_num_threads(threads)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=24, help="phantom cases")
     parser.add_argument("--size", type=int, default=512, help="slice size in pixels")
     parser.add_argument("--repeats", type=int, default=2, help="passes over each task's items")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        root = write_phantom(Path(tmp) / "phantom", n=args.n, seed=0, size=args.size)
-        base = write_tiny_base(Path(tmp) / "base")
-        tokenizer = AutoTokenizer.from_pretrained(base)
-        add_seg_token(tokenizer)
-        builder = SampleBuilder(tokenizer, build_image_processor(base, 512 * 512), augment=SegAugment())
-        records = load_records(root / "merged_train.json")
-        print(f"{len(records)} phantom records of {args.size}×{args.size}, 1 thread, {args.repeats} pass(es)\n")
-        print(f"{'task':32s} {'samples':>8s} {'ms/sample':>10s}")
-        for name, task_cls in RECORD_TASKS.items():
-            task = task_cls(records, builder, seed=0, train=True)
-            keys = [SampleKey(name, i, epoch) for epoch in range(args.repeats) for i in range(len(task))]
-            task[keys[0]]  # warm-up: imports, first-call allocations
-            start = time.perf_counter()
-            for key in keys:
-                task[key]
-            ms = (time.perf_counter() - start) * 1e3 / len(keys)
-            print(f"{name:32s} {len(keys):8d} {ms:10.1f}")
+    print(f"phantom of {args.n} cases of {args.size}×{args.size}, 1 thread, {args.repeats} pass(es)\n")
+    print(f"{'task':32s} {'ms/sample':>10s}")
+    for name, ms in time_samples(args.n, args.size, args.repeats).items():
+        print(f"{name:32s} {ms:10.1f}")
 
 
 if __name__ == "__main__":

@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="cases generated together")
     p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    p.add_argument("--fast", action="store_true",
+                   help="decode fast paths: static KV cache, vision tower once per image, and on CUDA a compiled "
+                        "decode step (docs/performance.md; same outputs, compiles once per batch shape)")
     p.add_argument("--demo", action="store_true", help="run a bundled phantom case with the demo checkpoint")
     return p
 
@@ -143,12 +146,17 @@ def load(checkpoint: str | Path, base_model: str | None, args: argparse.Namespac
     """→ OmniAbnormPipeline, with transformers' progress bars off (stdout/stderr carry results and errors)."""
     import transformers
 
+    import torch
+
+    from inference.generate import DecodeSettings
     from inference.pipeline import OmniAbnormPipeline
 
     transformers.utils.logging.disable_progress_bar()
     start = time.perf_counter()
     print(f"loading {checkpoint} …", file=sys.stderr)
-    pipe = OmniAbnormPipeline.from_checkpoint(checkpoint, base_model, device=args.device,
+    on_cuda = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")).type == "cuda"
+    decode = DecodeSettings("static", compile=on_cuda, reuse_image_features=True) if args.fast else None
+    pipe = OmniAbnormPipeline.from_checkpoint(checkpoint, base_model, device=args.device, decode=decode,
                                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     print(f"loaded in {time.perf_counter() - start:.1f} s on {pipe.device}", file=sys.stderr)
     return pipe

@@ -8,16 +8,22 @@ any real token's position (tests/test_inference.py checks a batch against each r
 
 `<SEG>` queries are taken as training takes them: one forward over prompt + generated tokens
 (`OmniAbnormCT.seg_queries`), last-layer hidden state after the final norm at each `<SEG>` input position.
+
+`DecodeSettings` switches the fast paths (docs/performance.md): a static KV cache, a compiled decode step, and
+image features computed once per distinct image and reused by the `<SEG>` forward and the second round.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
+from transformers import CompileConfig
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from dataset.conversation import Turn, encode
 from dataset.vision import VisionPreprocessor
@@ -38,6 +44,22 @@ class EncodedPrompt:
     mm_token_type_ids: Tensor  # (L,)
     pixel_values: Tensor  # (patches, C·T·P·P)
     image_grid_thw: Tensor  # (images, 3)
+    image_keys: tuple[bytes, ...] = ()  # per image: shape + SHA-256 of its pixels (the reuse key of its features)
+
+
+@dataclass
+class DecodeSettings:
+    """Inference fast paths. The defaults are transformers' plain path (the stock path of bench/perf_bench.py)."""
+
+    cache: str = "dynamic"  # dynamic | static: KV cache preallocated to prompt + max_new_tokens (fixed shapes)
+    compile: bool = False  # torch.compile the decode step (CUDA graphs on GPU); needs cache="static"
+    reuse_image_features: bool = False  # run the vision tower once per distinct image, not once per forward
+
+    def __post_init__(self) -> None:
+        if self.cache not in ("dynamic", "static"):
+            raise ValueError(f"cache must be dynamic or static, got {self.cache!r}")
+        if self.compile and self.cache != "static":
+            raise ValueError("compile needs cache='static' (a dynamic cache changes shape every step)")
 
 
 @dataclass
@@ -53,10 +75,13 @@ class Generated:
 class Generator:
     """Encodes prompts, generates greedily in batches, and computes the `<SEG>` queries of generated rows."""
 
-    def __init__(self, model: OmniAbnormCT, tokenizer, image_processor, device: torch.device):
+    def __init__(self, model: OmniAbnormCT, tokenizer, image_processor, device: torch.device,
+                 settings: DecodeSettings | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
+        self.settings = settings or DecodeSettings()
+        self._features: dict[bytes, Tensor] = {}  # image key → (tokens, D) features of the latest call's images
         self.vision = VisionPreprocessor(image_processor)
         self.merge = image_processor.merge_size ** 2
         self.image_token_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
@@ -67,7 +92,8 @@ class Generator:
         pixel_values, grid = self.vision(prompt.images)
         conversation = encode(self.tokenizer, prompt.turns, (grid.prod(dim=1) // self.merge).tolist(),
                               self.image_token_id, add_generation_prompt=True)
-        return EncodedPrompt(conversation.input_ids, conversation.mm_token_type_ids, pixel_values, grid)
+        keys = tuple(image_key(image) for image in prompt.images) if self.settings.reuse_image_features else ()
+        return EncodedPrompt(conversation.input_ids, conversation.mm_token_type_ids, pixel_values, grid, keys)
 
     def batch(self, rows: Sequence[tuple[EncodedPrompt, Tensor]]) -> dict[str, Tensor]:
         """(prompt, continuation ids) rows → left-padded model kwargs on the device: input_ids, attention_mask,
@@ -91,12 +117,13 @@ class Generator:
                  ) -> list[Generated]:
         """Greedy decoding of all prompts in one batch (left padding, KV cache on)."""
         empty = torch.zeros(0, dtype=torch.long)
-        inputs = self.batch([(p, empty) for p in prompts])
+        inputs = self._with_features(self.batch([(p, empty) for p in prompts]), prompts)
         # Every setting explicit: a base model's generation_config (Qwen2.5-VL-7B-Instruct: repetition_penalty 1.05,
         # sampling settings) would otherwise fill in whatever is left unset.
         out = self.model.vlm.generate(**inputs, do_sample=False, num_beams=1, repetition_penalty=1.0,
                                       max_new_tokens=max_new_tokens, eos_token_id=self.eos_id,
-                                      pad_token_id=self.pad_id, use_cache=True, logits_processor=logits_processor)
+                                      pad_token_id=self.pad_id, use_cache=True, logits_processor=logits_processor,
+                                      **self._cache_kwargs())
         new = out[:, inputs["input_ids"].shape[1]:].cpu()
         results = []
         for prompt, row in zip(prompts, new):
@@ -111,7 +138,46 @@ class Generator:
     def seg_queries(self, rows: Sequence[Generated]) -> tuple[Tensor, Tensor, Tensor]:
         """Generated rows → queries (B, N, D), query_mask (B, N), seg_probability (B, N), on the device."""
         inputs = self.batch([(g.prompt, g.token_ids) for g in rows])
-        return self.model.seg_queries(**inputs)
+        return self.model.seg_queries(**self._with_features(inputs, [g.prompt for g in rows]))
+
+    def _cache_kwargs(self) -> dict:
+        """generate() arguments for the KV cache and compilation settings."""
+        if self.settings.cache == "dynamic":
+            return {}
+        # transformers compiles static-cache decoding by itself on CUDA unless told not to, and never elsewhere
+        # unless told to (CPU compilation is for tests: slow to start, no CUDA graphs).
+        kwargs = {"cache_implementation": "static", "disable_compile": not self.settings.compile}
+        if self.settings.compile and self.device.type != "cuda":
+            config = CompileConfig(mode="default")
+            config._compile_all_devices = True
+            kwargs["compile_config"] = config
+        return kwargs
+
+    def _with_features(self, inputs: dict[str, Tensor], prompts: Sequence[EncodedPrompt]) -> dict:
+        """Model kwargs from `batch` → the same with the images' features in place of their pixels, when reusing.
+
+        Images whose features the previous call computed (the key slice of a second round or of the `<SEG>` forward)
+        are not encoded again; the others are encoded together in one vision-tower call. Only the features of this
+        call's images are kept, so the held memory is one batch's images.
+        """
+        if not self.settings.reuse_image_features:
+            return inputs
+        pending: dict[bytes, tuple[Tensor, Tensor]] = {}  # key → (pixel_values, grid) of images to encode
+        for p in prompts:
+            pixels = p.pixel_values.split(p.image_grid_thw.prod(dim=1).tolist())
+            for key, pv, grid in zip(p.image_keys, pixels, p.image_grid_thw, strict=True):
+                if key not in self._features:
+                    pending.setdefault(key, (pv, grid))
+        features = {key: self._features[key] for p in prompts for key in p.image_keys if key in self._features}
+        if pending:
+            vlm = self.model.vlm
+            pixel_values = torch.cat([pv for pv, _ in pending.values()]).to(self.device, vlm.dtype)
+            grids = torch.stack([grid for _, grid in pending.values()]).to(self.device)
+            features.update(zip(pending, vlm.model.get_image_features(pixel_values, grids).pooler_output))
+        self._features = features
+        inputs = {k: v for k, v in inputs.items() if k != "pixel_values"}
+        pooled = tuple(features[key] for p in prompts for key in p.image_keys)
+        return {**inputs, "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=pooled)}}
 
     @torch.no_grad()
     def segment(self, seg_slices: Sequence[np.ndarray], queries: Tensor, query_mask: Tensor) -> np.ndarray:
@@ -121,3 +187,8 @@ class Generator:
         slices = torch.from_numpy(np.stack(seg_slices)).to(self.device, next(seg.parameters()).dtype)
         logits = seg(slices, queries, query_mask)
         return logits.float().sigmoid().cpu().numpy()
+
+
+def image_key(image: np.ndarray) -> bytes:
+    """Identity of an image's pixels: its shape and the SHA-256 of its bytes (about 1 ms for 512 × 512 × 3)."""
+    return repr(image.shape).encode() + hashlib.sha256(np.ascontiguousarray(image).tobytes()).digest()

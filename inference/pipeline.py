@@ -42,7 +42,7 @@ from inference.cases import (
     check_case,
     prepare,
 )
-from inference.generate import Generated, Generator, Prompt
+from inference.generate import DecodeSettings, Generated, Generator, Prompt
 from inference.report import FindingResult, Report, measure
 from model.checkpoint import CheckpointError, load_checkpoint, load_released
 from model.config import SEG_TOKEN, ConfigError, ModelConfig
@@ -57,13 +57,13 @@ _FINDINGS_PREFIX = re.compile(r"^Findings\s*\d+\s*:\s*")
 class OmniAbnormPipeline:
     def __init__(self, model: OmniAbnormCT, tokenizer, image_processor, identity: dict | None = None,
                  device: str | torch.device | None = None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-                 batch_size: int = DEFAULT_BATCH_SIZE):
+                 batch_size: int = DEFAULT_BATCH_SIZE, decode: DecodeSettings | None = None):
         if max_new_tokens < 1 or batch_size < 1:
             raise ValueError(f"max_new_tokens ({max_new_tokens}) and batch_size ({batch_size}) must be at least 1")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.eval().to(self.device)
         self.tokenizer = tokenizer
-        self.generator = Generator(self.model, tokenizer, image_processor, self.device)
+        self.generator = Generator(self.model, tokenizer, image_processor, self.device, decode)
         self.identity = {"checkpoint": None, "layout": None, "checkpoint_sha256": None, "base_model": None,
                          **(identity or {}), "dtype": str(model.vlm.dtype).removeprefix("torch.")}
         self.max_new_tokens = max_new_tokens

@@ -1,4 +1,4 @@
-"""Checkpoints: the released OmniAbnorm-CT layout (load) and our own format (save / load).
+"""Checkpoints: the released OmniAbnorm-CT layout (load, export) and our own format (save / load).
 
 Released layout (SPEC §3.4), written with transformers 4.49 + peft 0.10::
 
@@ -9,22 +9,28 @@ Released layout (SPEC §3.4), written with transformers 4.49 + peft 0.10::
 Our format: `omniabnorm.json` (format tag + ModelConfig), `vlm_trained.safetensors` (LoRA tensors and the trained
 token rows, by module path), `seg_module.safetensors`, `tokenizer/`. Only trained tensors are stored; the base
 VLM is read from `model.base_model`. Nothing is unpickled except the released `.pt`, with `weights_only=True`.
+
+Export to the released layout (for tools built on the original code):
+    python -m model.checkpoint export-released --checkpoint CKPT --out DIR [--base-model DIR]
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import re
+import sys
 from pathlib import Path
 
 import safetensors.torch
 import torch
-from safetensors.torch import load_file, save_file, save_model
+import transformers
+from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
 from model.config import LoraSettings, ModelConfig
-from model.omniabnorm import OmniAbnormCT, build_model
+from model.omniabnorm import OmniAbnormCT, build_model, fully_trained_modules
 from utils.atomic import atomic_folder
 
 FORMAT = "omniabnorm-ct-checkpoint/1"
@@ -55,6 +61,16 @@ def released_key_to_module_name(key: str, adapter_name: str = "default") -> str:
     key = key.removeprefix(_PEFT_PREFIX)
     key = _OLD_VISUAL.sub("model.visual.", _OLD_LLM.sub("model.language_model.", key))
     return _LORA_WEIGHT.sub(rf".\1.{adapter_name}.weight", key)
+
+
+def module_name_to_released_key(name: str) -> str:
+    """Inverse of `released_key_to_module_name` (without peft's prefix, which only the adapter file carries).
+
+    >>> module_name_to_released_key("model.language_model.layers.0.self_attn.q_proj.lora_A.default.weight")
+    'model.layers.0.self_attn.q_proj.lora_A.weight'
+    """
+    name = re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1.weight", name)
+    return re.sub(r"^model\.visual\.", "visual.", name.replace("model.language_model.", "model.", 1))
 
 
 def load_released(cfg: ModelConfig, require_seg_module: bool = True):
@@ -125,18 +141,42 @@ def _copy_checked(param: torch.Tensor, value: torch.Tensor, name: str) -> None:
 
 
 def trained_vlm_state(model: OmniAbnormCT) -> dict[str, torch.Tensor]:
-    """The VLM tensors that training changes: LoRA and the trainable token rows."""
+    """The VLM tensors that training changes: LoRA, the trainable token rows and the fully trained modules."""
+    full = {id(p) for m in fully_trained_modules(model.vlm, model.config) for p in m.parameters()}
     return {n: p.detach().contiguous() for n, p in model.vlm.named_parameters()
-            if ".lora_" in n or n.endswith("trainable_rows")}
+            if ".lora_" in n or n.endswith("trainable_rows") or id(p) in full}
 
 
-def save_checkpoint(model: OmniAbnormCT, tokenizer, out_dir: str | Path, extra: dict | None = None) -> Path:
-    """Write our format atomically: a reader sees the old folder or the complete new one, never a partial one."""
+def seg_module_tensor_names(model: OmniAbnormCT) -> list[str]:
+    """The segmentation module's state-dict names with each aliased tensor once (`.conv` and `.all_modules.0` are one
+    tensor): the names its file stores. safetensors' `load_model` fills the aliases back in."""
+    persistent = model.seg_module.state_dict(keep_vars=True)
+    names = [n for n, _ in model.seg_module.named_parameters()] + [n for n, _ in model.seg_module.named_buffers()]
+    return [n for n in names if n in persistent]
+
+
+def save_checkpoint(model: OmniAbnormCT, tokenizer, out_dir: str | Path, extra: dict | None = None,
+                    state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write our format atomically: a reader sees the old folder or the complete new one, never a partial one.
+
+    The tensors are read from `model`, or from `state` when given: full tensors by `OmniAbnormCT` parameter name
+    (`vlm.…`, `seg_module.…`), e.g. gathered from FSDP2 shards by torch.distributed.checkpoint's `get_state_dict`.
+    """
+    vlm_names, seg_names = list(trained_vlm_state(model)), seg_module_tensor_names(model)
+    if state is None:
+        state = {f"vlm.{n}": t for n, t in trained_vlm_state(model).items()}
+        state.update({f"seg_module.{n}": t for n, t in model.seg_module.state_dict().items()})
+    missing = [n for n in [f"vlm.{n}" for n in vlm_names] + [f"seg_module.{n}" for n in seg_names] if n not in state]
+    if missing:
+        raise CheckpointError(f"cannot save: {len(missing)} trained tensors are not in the given state (e.g. "
+                              f"{missing[:2]})")
     meta = {"format": FORMAT, "seg_token_id": model.seg_token_id, "model": model.config.to_dict(),
             **({"extra": extra} if extra else {})}
     with atomic_folder(out_dir) as tmp:
-        save_file(trained_vlm_state(model), tmp / "vlm_trained.safetensors", metadata={"format": "pt"})
-        save_model(model.seg_module, str(tmp / "seg_module.safetensors"))
+        save_file({n: state[f"vlm.{n}"].contiguous() for n in vlm_names}, tmp / "vlm_trained.safetensors",
+                  metadata={"format": "pt"})
+        save_file({n: state[f"seg_module.{n}"].contiguous() for n in seg_names}, tmp / "seg_module.safetensors",
+                  metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp / "tokenizer")
         (tmp / "omniabnorm.json").write_text(json.dumps(meta, indent=2))
     return Path(out_dir)
@@ -175,3 +215,64 @@ def load_checkpoint(checkpoint_dir: str | Path, base_model: str | Path | None = 
         raise CheckpointError(f"{ckpt.name}: segmentation module mismatch (missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]})")
     return model, tokenizer, image_processor
+
+
+def export_released(model: OmniAbnormCT, tokenizer, out_dir: str | Path) -> Path:
+    """Write `model` in the released layout (module docstring), atomically; `load_released` reads it back exactly.
+
+    The layout holds LoRA, the full embedding and head matrices (trained `<SEG>` rows written in) and the
+    segmentation module, so a model with a trained vision tower or without LoRA cannot be expressed in it.
+    """
+    cfg = model.config
+    if cfg.lora is None or fully_trained_modules(model.vlm, cfg):
+        raise CheckpointError("the released layout stores LoRA, the embedding and head matrices and the segmentation "
+                              f"module only; this model has lora={cfg.lora is not None}, train_vision="
+                              f"{cfg.train_vision!r}, train_language_model={cfg.train_language_model}: keep it in our "
+                              "format")
+    vlm = model.vlm
+    adapter = {_PEFT_PREFIX + module_name_to_released_key(n): p.detach().contiguous()
+               for n, p in vlm.named_parameters() if ".lora_" in n}
+    # peft 0.10's LoraConfig fields (the release's reader rejects keys it does not know).
+    adapter_config = {
+        "alpha_pattern": {}, "auto_mapping": None, "base_model_name_or_path": Path(cfg.base_model).name,
+        "bias": "none", "fan_in_fan_out": False, "inference_mode": False, "init_lora_weights": True,
+        "layer_replication": None, "layers_pattern": None, "layers_to_transform": None, "loftq_config": {},
+        "lora_alpha": cfg.lora.alpha, "lora_dropout": cfg.lora.dropout, "megatron_config": None,
+        "megatron_core": "megatron.core", "modules_to_save": None, "peft_type": "LORA", "r": cfg.lora.r,
+        "rank_pattern": {}, "revision": None, "target_modules": sorted(cfg.lora.target_modules),
+        "task_type": "CAUSAL_LM", "use_dora": False, "use_rslora": False,
+    }
+    bundle = {
+        "seg_model": model.seg_module.state_dict(),
+        "lm_head_state_dict": {"lm_head.weight": vlm.get_output_embeddings().merged_weight()},
+        "embed_tokens_state_dict": {"model.embed_tokens.weight": vlm.get_input_embeddings().merged_weight()},
+    }
+    with atomic_folder(out_dir) as tmp:
+        save_file(adapter, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
+        tokenizer.save_pretrained(tmp / "extended_tokenizer")
+        torch.save(bundle, tmp / "seg_model_lm_head_embed_tokens.pt")
+    return Path(out_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m model.checkpoint", description="checkpoint conversions")
+    commands = parser.add_subparsers(dest="command", required=True)
+    export = commands.add_parser("export-released", help="our format → the released layout")
+    export.add_argument("--checkpoint", required=True, help="a folder with omniabnorm.json")
+    export.add_argument("--out", required=True, help="new folder for the released layout")
+    export.add_argument("--base-model", help="local Qwen2.5-VL folder (default: the one the checkpoint records)")
+    args = parser.parse_args(argv)
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        model, tokenizer, _ = load_checkpoint(args.checkpoint, args.base_model)
+        export_released(model, tokenizer, args.out)
+    except (CheckpointError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"released layout written to {args.out} (load it with --base-model on the same base model)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -96,6 +96,10 @@ class LossWeights:
                 raise ConfigError(f"loss.{name} must be ≥ 0, got {value}")
 
 
+TRAIN_VISION_CHOICES = ("none", "merger", "all")
+VISION_ATTENTION_CHOICES = ("sdpa", "varlen")
+
+
 @dataclass
 class ModelConfig:
     """Everything needed to rebuild the fused model around a local Qwen2.5-VL folder."""
@@ -107,14 +111,35 @@ class ModelConfig:
     dtype: str = "bfloat16"  # weights of the VLM: bfloat16 | float32
     image_pixels: int = 512 * 512  # VLM image budget, min = max (about 324 visual tokens)
     lora: LoraSettings | None = field(default_factory=LoraSettings)  # None = no LoRA
+    # Vision tower training: none (released recipe: a pretrained tower stays frozen), merger (the patch merger that
+    # maps vision features into the LLM), or all. Trained vision tensors are saved with the checkpoint.
+    train_vision: str = "none"
+    # Full fine-tuning: the whole language model and its output head train (with lora: None; FSDP2 in training).
+    train_language_model: bool = False
     seg: SegModuleConfig = field(default_factory=SegModuleConfig)
     loss: LossWeights = field(default_factory=LossWeights)
+    # Fast paths (docs/performance.md): same results as the plain path within floating-point tolerance.
+    # linear_ce: the training CE is computed from the hidden states in chunks, only where a label is, so the
+    # (B, L, V) logits are never built (Liger's fused kernel on CUDA when liger-kernel is installed); the forward's
+    # `logits` is then None whenever labels are given.
+    linear_ce: bool = False
+    # vision_attention: sdpa (transformers' default: one attention call per 112-px window per image per layer) or
+    # varlen (one variable-length attention call per layer for all windows of all images).
+    vision_attention: str = "sdpa"
 
     def validate(self) -> None:
         if self.dtype not in ("bfloat16", "float32", "float16"):
             raise ConfigError(f"model.dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
         if self.image_pixels < 28 * 28:
             raise ConfigError(f"model.image_pixels must be at least 784 (one 28×28 merged patch), got {self.image_pixels}")
+        if self.train_vision not in TRAIN_VISION_CHOICES:
+            raise ConfigError(f"model.train_vision must be one of {', '.join(TRAIN_VISION_CHOICES)}, "
+                              f"got {self.train_vision!r}")
+        if self.train_language_model and self.lora is not None:
+            raise ConfigError("model.train_language_model trains the whole language model: set model.lora: null")
+        if self.vision_attention not in VISION_ATTENTION_CHOICES:
+            raise ConfigError(f"model.vision_attention must be one of {', '.join(VISION_ATTENTION_CHOICES)}, "
+                              f"got {self.vision_attention!r}")
         if self.lora is not None:
             self.lora.validate()
         self.seg.validate()

@@ -8,21 +8,28 @@ stack. Training loss = w_ce·CE(assistant tokens) + w_dice·Dice + w_bce·BCE ov
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig
 from torch import Tensor, nn
-from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+from transformers import AttentionInterface, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from model.config import ConfigError, ModelConfig
-from model.losses import masked_seg_losses, shifted_cross_entropy
+from model.losses import linear_cross_entropy, masked_seg_losses, shifted_cross_entropy
 from model.seg_module import SegmentationModule
 from model.tokenizer import add_seg_token
 from model.trainable_rows import EmbeddingWithTrainableRows, LinearWithTrainableRows
+
+try:  # torch's FlashAttention kernel for packed sequences (CUDA, fp16/bf16)
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
 
 
 @dataclass
@@ -31,7 +38,7 @@ class OmniAbnormOutput:
     ce_loss: Tensor
     dice_loss: Tensor
     bce_loss: Tensor
-    logits: Tensor  # (B, L, V)
+    logits: Tensor | None  # (B, L, V); None when `config.linear_ce` computed the CE from the hidden states
     mask_logits: Tensor | None  # (B, N, H, W), None when the batch has no <SEG> or no slices
     query_mask: Tensor  # (B, N) bool: which query slots hold a <SEG>
 
@@ -54,6 +61,54 @@ def gather_seg_queries(hidden: Tensor, input_ids: Tensor, seg_token_id: int) -> 
     return queries, query_mask
 
 
+# "flash" in the name sends transformers' Qwen2.5-VL vision attention down its packed branch (cu_seqlens of all
+# windows or images in one call) instead of its loop of one SDPA call per window.
+VARLEN_ATTENTION = "omniabnorm_flash_varlen"
+
+
+def varlen_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                     scaling: float, dropout: float = 0.0, cu_seq_lens_q: Tensor | None = None,
+                     max_length_q: int | None = None, is_causal: bool = False, **kwargs) -> tuple[Tensor, None]:
+    """Non-causal attention within each packed sequence, all sequences in one call.
+
+    query, key, value (1, heads, T, head_dim); sequence s spans tokens cu_seq_lens_q[s]:cu_seq_lens_q[s + 1]
+    (queries and keys alike) → ((1, T, heads, head_dim), None), the layout of transformers' attention functions.
+    CUDA in fp16/bf16: torch's FlashAttention varlen kernel. Otherwise: the sequences padded to the longest and one
+    SDPA call with a key-padding mask.
+    """
+    if dropout or is_causal or attention_mask is not None:
+        raise ValueError("varlen_attention is non-causal, unmasked and without dropout: Qwen2.5-VL's vision attention")
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, heads, head_dim)
+    cu = cu_seq_lens_q
+    lengths = cu.diff()
+    longest = int(max_length_q) if max_length_q is not None else int(lengths.max())
+    if (varlen_attn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+            and math.isclose(scaling, q.shape[-1] ** -0.5)):  # the kernel's default scale
+        cu = cu.to(torch.int32)
+        q, k, v = (x.contiguous() for x in (q, k, v))
+        return varlen_attn(q, k, v, cu, cu, longest, longest)[None], None
+    n = lengths.numel()
+    seq = torch.repeat_interleave(torch.arange(n, device=q.device), lengths)  # (T,) sequence of each token
+    pos = torch.arange(q.shape[0], device=q.device) - cu[:-1].long()[seq]  # (T,) place within its sequence
+
+    def padded(x: Tensor) -> Tensor:  # (T, heads, d) → (n, heads, longest, d)
+        return x.new_zeros(n, longest, *x.shape[1:]).index_put((seq, pos), x).transpose(1, 2)
+
+    keys_valid = torch.arange(longest, device=q.device)[None, :] < lengths[:, None]  # (n, longest)
+    out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=keys_valid[:, None, None, :],
+                                         scale=scaling)
+    return out.transpose(1, 2)[seq, pos][None], None
+
+
+AttentionInterface.register(VARLEN_ATTENTION, varlen_attention)
+
+
+def set_vision_attention(vlm: Qwen2_5_VLForConditionalGeneration, kind: str) -> None:
+    """Vision tower attention: "sdpa" (transformers' loop over windows) or "varlen" (`varlen_attention`). The
+    language model keeps its own implementation."""
+    vlm.model.visual.config._attn_implementation = VARLEN_ATTENTION if kind == "varlen" else "sdpa"
+
+
 class OmniAbnormCT(nn.Module):
     def __init__(self, vlm: Qwen2_5_VLForConditionalGeneration, seg_module: SegmentationModule,
                  seg_token_id: int, config: ModelConfig):
@@ -62,6 +117,8 @@ class OmniAbnormCT(nn.Module):
         self.seg_module = seg_module
         self.seg_token_id = seg_token_id
         self.config = config
+        if config.vision_attention == "varlen":
+            set_vision_attention(vlm, "varlen")
 
     def forward(
         self,
@@ -80,9 +137,12 @@ class OmniAbnormCT(nn.Module):
             image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids, use_cache=False,
         )
         hidden = out.last_hidden_state  # after the final RMSNorm
-        logits = self.vlm.lm_head(hidden)
-        zero = logits.new_zeros((), dtype=torch.float32)
-        ce = shifted_cross_entropy(logits, labels) if labels is not None else zero
+        zero = hidden.new_zeros((), dtype=torch.float32)
+        if self.config.linear_ce and labels is not None:
+            logits, ce = None, linear_cross_entropy(hidden, self.vlm.lm_head, labels)
+        else:
+            logits = self.vlm.lm_head(hidden)
+            ce = shifted_cross_entropy(logits, labels) if labels is not None else zero
 
         queries, query_mask = gather_seg_queries(hidden, input_ids, self.seg_token_id)
         mask_logits, dice, bce = None, zero, zero
@@ -105,6 +165,7 @@ class OmniAbnormCT(nn.Module):
         mm_token_type_ids: Tensor,  # (B, L)
         pixel_values: Tensor | None = None,
         image_grid_thw: Tensor | None = None,
+        mm_encoder_outputs: dict | None = None,  # instead of pixel_values: transformers' already-encoded images
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Inference: the segmentation queries of finished sequences, as training computes them.
 
@@ -116,6 +177,7 @@ class OmniAbnormCT(nn.Module):
         hidden = self.vlm.model(
             input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
             image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids, use_cache=False,
+            mm_encoder_outputs=mm_encoder_outputs,
         ).last_hidden_state
         queries, query_mask = gather_seg_queries(hidden, input_ids, self.seg_token_id)
         # Hidden state one position before each <SEG>: the one whose logits chose it.
@@ -140,6 +202,16 @@ def lora_target_regex(module_names: tuple[str, ...]) -> str:
     return rf"model\.language_model\.layers\.\d+\.(?:self_attn|mlp)\.(?:{names})"
 
 
+def fully_trained_modules(vlm: Qwen2_5_VLForConditionalGeneration, cfg: ModelConfig) -> list[nn.Module]:
+    """VLM modules trained in full (besides LoRA and the `<SEG>` rows): the vision part `cfg.train_vision` names and,
+    with `cfg.train_language_model`, the language model and the output head."""
+    visual = vlm.model.visual
+    modules = {"none": [], "merger": [visual.merger], "all": [visual]}[cfg.train_vision]
+    if cfg.train_language_model:
+        modules += [vlm.model.language_model, vlm.lm_head]
+    return modules
+
+
 def build_image_processor(base_model: str | Path, image_pixels: int) -> Qwen2VLImageProcessorPil:
     """The base model's image processor with the fixed budget min = max = `image_pixels` (SPEC §4.3)."""
     return Qwen2VLImageProcessorPil.from_pretrained(
@@ -150,8 +222,8 @@ def build_image_processor(base_model: str | Path, image_pixels: int) -> Qwen2VLI
 def build_model(cfg: ModelConfig, tokenizer=None) -> tuple[OmniAbnormCT, object, Qwen2VLImageProcessorPil]:
     """Load the base VLM from `cfg.base_model`, add `<SEG>`, LoRA and the segmentation module.
 
-    Trainable after this call: LoRA tensors, the `<SEG>` row of the embedding and of the output head, and the
-    whole segmentation module. Everything else (vision tower included) is frozen.
+    Trainable after this call: LoRA tensors, the `<SEG>` row of the embedding and of the output head, the whole
+    segmentation module, and what `cfg.train_vision` / `cfg.train_language_model` name. Everything else is frozen.
     """
     cfg.validate()
     base = Path(cfg.base_model)
@@ -172,6 +244,8 @@ def build_model(cfg: ModelConfig, tokenizer=None) -> tuple[OmniAbnormCT, object,
         ))
     vlm.set_input_embeddings(EmbeddingWithTrainableRows.wrap(vlm.get_input_embeddings(), [seg_token_id]))
     vlm.set_output_embeddings(LinearWithTrainableRows.wrap(vlm.get_output_embeddings(), [seg_token_id]))
+    for module in fully_trained_modules(vlm, cfg):
+        module.requires_grad_(True)
 
     hidden = vlm.config.text_config.hidden_size
     if cfg.seg.query_dim not in (None, hidden):

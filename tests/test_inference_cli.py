@@ -73,6 +73,18 @@ def test_single_case_writes_report_overlay_and_prints_text(capsys, checkpoint, i
     assert json.loads((out / "report.json").read_text())["task"] == "vqa"
 
 
+def test_fast_decoding_gives_the_same_report(capsys, checkpoint, image, tmp_path):
+    reports = []
+    for name, extra in (("plain", ()), ("fast", ("--fast",))):
+        code, _, err = run_cli(capsys, "--input", image, "--checkpoint", checkpoint, "--out", tmp_path / name,
+                               "--max-new-tokens", 12, "--device", "cpu", *extra)
+        assert code == 0, err
+        reports.append(json.loads((tmp_path / name / "report.json").read_text()))
+    plain, fast = reports
+    assert fast["rounds"] == plain["rounds"] and fast["text"] == plain["text"]
+    assert [f["mask_rle"] for f in fast["findings"]] == [f["mask_rle"] for f in plain["findings"]]
+
+
 def test_batch_from_txt_and_json(capsys, checkpoint, image, tmp_path):
     listing = tmp_path / "cases.txt"
     listing.write_text(f"{image}\n{image}\n")

@@ -53,7 +53,7 @@ def test_overrides_are_typed_and_dotted():
     (["data.tasks.segmentation=5"], "unknown task 'segmentation'"),
     (["data.tasks={grounding: 0}"], "at least one task needs a quota > 0"),
     (["data.phantom=null"], "data.root is empty"),
-    (["full_finetune=true"], "set model.lora: null"),
+    (["model.train_language_model=true"], "set model.lora: null"),
     (["micro_batch_size=0"], "micro_batch_size must be ≥ 1"),
     (["optim.warmup_ratio=1.5"], "optim.warmup_ratio must be in [0, 1)"),
     (["init_from=a", "resume_from=b"], "not both"),

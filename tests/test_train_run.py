@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from model.checkpoint import load_checkpoint
+from model.checkpoint import load_checkpoint, module_name_to_released_key
 from tests.helpers import REPO
 from training.config import load_config
 from training.loop import train
@@ -67,6 +67,21 @@ def test_checkpoint_loads_and_holds_the_trained_tensors(full_run):
     lora = [n for n in trained if ".lora_B." in n]
     assert lora and any(trained[n].abs().sum() > 0 for n in lora)  # LoRA B starts at zero: it trained
     assert load_file(step / "model" / "seg_module.safetensors")
+
+
+def test_full_language_model_training_is_saved_and_restored(tmp_path):
+    out = tmp_path / "full_lm"
+    run_in_process(out, "max_steps=2", "model.lora=null", "model.train_language_model=true",
+                   "model.train_vision=merger")
+    model, _, _ = load_checkpoint(out / "checkpoints" / "step_000002" / "model")
+    saved = load_file(out / "checkpoints" / "step_000002" / "model" / "vlm_trained.safetensors")
+    base = load_file(out / "tiny_base" / "model.safetensors")
+    layer = "model.language_model.layers.0.mlp.up_proj.weight"
+    assert layer in saved and "model.visual.merger.mlp.0.weight" in saved and "model.visual.blocks.0.mlp.up_proj.weight" \
+        not in saved
+    # it trained (the base file keeps transformers' on-disk names), and the trained tensor is what loads
+    assert not torch.equal(saved[layer], base[module_name_to_released_key(layer)])
+    assert torch.equal(dict(model.vlm.named_parameters())[layer], saved[layer])
 
 
 @pytest.mark.slow
@@ -131,3 +146,9 @@ def test_fsdp2_matches_ddp_and_resumes(ddp_run, tmp_path):
     fsdp, ddp = losses(out), losses(ddp_run)
     assert sorted(fsdp) == [1, 2, 3, 4]
     assert [fsdp[s] for s in range(1, 5)] == pytest.approx([ddp[s] for s in range(1, 5)], abs=1e-6)
+    # The model/ export is written from the gathered shards and matches DDP's.
+    step = "checkpoints/step_000004/model"
+    for name in ("vlm_trained.safetensors", "seg_module.safetensors"):
+        a, b = load_file(out / step / name), load_file(ddp_run / step / name)
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), name
+    assert load_checkpoint(out / step)

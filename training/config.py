@@ -123,8 +123,7 @@ class TrainConfig:
     micro_batch_size: int = 1  # samples per rank per forward
     grad_accumulation: int = 4
     global_batch_size: int = 0  # when > 0, must equal micro_batch_size × grad_accumulation × world size
-    parallel: str = "ddp"  # ddp (LoRA runs) | fsdp (FSDP2 fully_shard, for full fine-tuning)
-    full_finetune: bool = False  # train the whole language model too (use with parallel: fsdp, model.lora: null)
+    parallel: str = "ddp"  # ddp (LoRA runs) | fsdp (FSDP2 fully_shard, for model.train_language_model runs)
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
     gradient_checkpointing: bool = False
     save_every: int = 1000  # steps between checkpoints (one is always written at the end)
@@ -145,8 +144,6 @@ class TrainConfig:
             raise ConfigError(f"parallel must be ddp or fsdp, got {self.parallel!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
-        if self.full_finetune and self.model.lora is not None:
-            raise ConfigError("full_finetune trains the whole language model: set model.lora: null")
         if not self.output_dir:
             raise ConfigError("output_dir is empty: name the run folder, e.g. output_dir=runs/my-run")
         if self.init_from and self.resume_from:

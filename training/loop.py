@@ -39,7 +39,6 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import FSDPModule
 
 from dataset.ct import InputError
 from dataset.sampler import TaskBatchSampler
@@ -101,9 +100,6 @@ def build(cfg: TrainConfig, env: Dist):
         model, tokenizer, image_processor = load_checkpoint(resolve_model_dir(cfg.init_from), model_cfg.base_model)
     else:
         model, tokenizer, image_processor = load_starting_point(model_cfg)
-    if cfg.full_finetune:
-        model.vlm.model.language_model.requires_grad_(True)
-        model.vlm.lm_head.weight.requires_grad_(True)
     for p in model.parameters():
         if p.requires_grad:  # fp32 master weights; bf16 compute comes from autocast / FSDP2's policy
             p.data = p.data.float()
@@ -167,7 +163,8 @@ def save_training_checkpoint(cfg: TrainConfig, env: Dist, model: nn.Module, opti
                  "world_size": env.world_size, "seed": cfg.seed}
         (tmp / "trainer" / "state.json").write_text(json.dumps(state, indent=1))
         save_config(cfg, tmp / "config.yaml")
-    exported = export_model(cfg, env, model, tokenizer, tmp / "model", {"step": step, "epoch": epoch})
+    if env.is_main:  # the model in our format, from the gathered full tensors (FSDP2 shards included)
+        save_checkpoint(unwrap(model), tokenizer, tmp / "model", {"step": step, "epoch": epoch}, state=model_state)
     torch.save(rng_state(), tmp / "trainer" / f"rng_rank{env.rank}.pt")
     env.barrier()
     if env.is_main:
@@ -178,24 +175,9 @@ def save_training_checkpoint(cfg: TrainConfig, env: Dist, model: nn.Module, opti
         latest_tmp.write_text(final.name)
         os.replace(latest_tmp, root / "latest")
         prune_checkpoints(root, cfg.keep_checkpoints)
-        log.write(f"checkpoint: {final}" + ("" if exported else " (training state only: no model/ export for "
-                                                                "FSDP2 or full fine-tuning yet)"))
+        log.write(f"checkpoint: {final}")
     env.barrier()
     return final
-
-
-def export_model(cfg: TrainConfig, env: Dist, model: nn.Module, tokenizer, out: Path, extra: dict) -> bool:
-    """Our checkpoint format for inference, from rank 0; False where it cannot be written yet.
-
-    model/checkpoint.py's `save_checkpoint` reads the tensors from an unsharded model and stores LoRA, the `<SEG>`
-    rows and the segmentation module. So FSDP2 runs (sharded parameters) and full fine-tunes (whose language model
-    it would leave out) get no model/ folder; trainer/trainable.pt holds every trained tensor for them.
-    """
-    if cfg.full_finetune or any(isinstance(m, FSDPModule) for m in model.modules()):
-        return False
-    if env.is_main:
-        save_checkpoint(unwrap(model), tokenizer, out, extra)
-    return True
 
 
 def prune_checkpoints(root: Path, keep: int) -> None:

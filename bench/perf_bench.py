@@ -1,0 +1,495 @@
+"""Speed of OmniAbnorm-CT at real size, the stock path and ours side by side in one run (SPEC §8).
+
+    python bench/perf_bench.py --out perf.json                  # one H100: Qwen2.5-VL-7B architecture, random weights
+    python bench/perf_bench.py --tiny --out perf_tiny.json      # the same code on the tiny model, on CPU
+    python bench/perf_bench.py --only vision,decode --out perf.json   # some sections; other rows in perf.json stay
+    python bench/perf_bench.py --no-compile ...                  # ours without torch.compile of the decode step
+
+The model is built by bench/perf_model.py (real sizes from numbers in code, random weights created on the device,
+LoRA and segmentation module as the released recipe). Prints one Markdown table (ours / stock, % of the H100 limit
+of SPEC §8) and writes it with the settings and the equality checks as JSON (`--out`, written atomically).
+
+Sections, and what "stock" and "ours" are in each:
+
+- vision: vision-tower forward on 504 × 504 images. stock: transformers' SDPA loop (one call per window per image
+  per layer); ours: `model.vision_attention = "varlen"` (one packed call per layer).
+- decode: greedy tokens/s after the prefill, batch 1 and 32 (one 512² slice + the grounded instruction each).
+  stock: dynamic KV cache; ours: static KV cache and, on CUDA, the compiled decode step (CUDA graphs).
+- grounded: the two-round grounded flow of inference/pipeline.py, s/case at batch 1 and cases/s batched (phantom
+  DICOM-like slice folders; random weights would never emit `<SEG>`, so the replies are scripted through the real
+  generate loop: round 1 `<SEG>`, round 2 a report of `report_tokens` tokens). stock: plain Generator, SDPA vision
+  loop; ours: image features reused, varlen vision, static cache (+ compiled decode on CUDA).
+- train: the released recipe (LoRA r 32 / α 16 on q/v, `<SEG>` rows, segmentation module, AdamW, clip 0.3, bf16
+  autocast) on the five released tasks in turn. stock: HF style — micro-batch 1 × 4 accumulation, gradient
+  checkpointing, full embedding and output head trained (as the release did), full-vocabulary logits, SDPA vision
+  loop; ours: micro-batch `train_micro` (halved on out-of-memory), no checkpointing, `model.linear_ce`, varlen vision.
+  Model-FLOP utilisation = (6 · N_llm · LLM tokens + 2 · N_vision · image patches) / (time · 989 TFLOP/s), N_llm the
+  language-model and output-head parameters without the input embedding, tokens counted without padding, the
+  frozen vision tower forward only, attention and segmentation-module FLOPs not counted; 989 TFLOP/s is the H100
+  SXM dense bf16 peak.
+- data: CPU ms of one thread per prepared training sample (bench/data_bench.py), mean over the record tasks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from transformers import LogitsProcessor, LogitsProcessorList
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.data_bench import time_samples
+from bench.perf_model import build
+from dataset.augment import SegAugment
+from dataset.collate import collate
+from dataset.conversation import Turn
+from dataset.phantom import write_phantom
+from dataset.prompts import GROUNDED_REPORT_EVAL
+from dataset.records import load_records
+from dataset.sampler import SampleKey
+from dataset.tasks import RECORD_TASKS, SampleBuilder
+from inference.cases import Case
+from inference.generate import DecodeSettings, Generator, Prompt
+from inference.pipeline import OmniAbnormPipeline
+from model import losses
+from model.omniabnorm import OmniAbnormCT, set_vision_attention, varlen_attn
+from training.config import RELEASED_QUOTAS
+
+H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM
+SECTIONS = ("vision", "decode", "grounded", "train", "data")
+
+
+@dataclass(frozen=True)
+class Row:
+    what: str
+    unit: str
+    higher_is_better: bool
+    limit: float | None = None  # one H100, SPEC §8
+    target: str = "—"
+
+
+ROWS = {
+    "train_samples_per_s": Row("training, released recipe, samples/s/GPU", "samples/s", True, 33.0, "≥ 12"),
+    "train_mfu_pct": Row("training model-FLOP utilisation", "%", True),
+    "train_peak_memory_gb": Row("training peak GPU memory", "GiB", False),
+    "decode_b1_tokens_per_s": Row("decode, batch 1", "tokens/s", True, 220.0, "≥ 150"),
+    "decode_b32_tokens_per_s": Row("decode, batch 32", "tokens/s", True),
+    "grounded_b1_s_per_case": Row("grounded report, batch 1", "s/case", False, None, "≤ 0.25"),
+    "grounded_batched_cases_per_s": Row("grounded report, batched", "cases/s", True, None, "≥ 20"),
+    "vision_images_per_s": Row("vision tower at 504², images/s", "images/s", True, 580.0, "≥ 150"),
+    "cpu_ms_per_sample": Row("CPU per prepared training sample (1 core)", "ms", False, None, "< 20"),
+}
+SECTION_ROWS = {
+    "train": ("train_samples_per_s", "train_mfu_pct", "train_peak_memory_gb"),
+    "decode": ("decode_b1_tokens_per_s", "decode_b32_tokens_per_s"),
+    "grounded": ("grounded_b1_s_per_case", "grounded_batched_cases_per_s"),
+    "vision": ("vision_images_per_s",),
+    "data": ("cpu_ms_per_sample",),
+}
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Sizes of a run: the real one, or the tiny one that checks the code on CPU in seconds."""
+
+    model: str  # bench/perf_model.py size: 7b | tiny
+    vision_batch: int  # images per vision-tower call
+    vision_iters: int
+    decode_batches: tuple[int, int]
+    decode_tokens: int  # new tokens per decode measurement
+    grounded_batch: int
+    grounded_cases: int  # timed cases at batch 1; twice grounded_batch are timed batched
+    report_tokens: int  # scripted second-round reply
+    train_micro: int  # ours; halved on CUDA out-of-memory
+    train_steps: int  # timed optimizer steps per path
+    phantom_size: int  # slice side of the phantom cases (px)
+    phantom_cases: int
+
+
+FULL = Scale("7b", vision_batch=32, vision_iters=5, decode_batches=(1, 32), decode_tokens=128, grounded_batch=32,
+             grounded_cases=4, report_tokens=96, train_micro=8, train_steps=5, phantom_size=512, phantom_cases=16)
+TINY = Scale("tiny", vision_batch=2, vision_iters=1, decode_batches=(1, 4), decode_tokens=8, grounded_batch=2,
+             grounded_cases=2, report_tokens=8, train_micro=2, train_steps=1, phantom_size=64, phantom_cases=4)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------------------------- vision
+
+@torch.no_grad()
+def bench_vision(model: OmniAbnormCT, scale: Scale, device: torch.device) -> tuple[dict, dict]:
+    """Images/s of the vision tower on `vision_batch` random 504² images (36 × 36 patches), both attentions."""
+    vlm = model.vlm
+    grid = torch.tensor([[1, 36, 36]] * scale.vision_batch, device=device)
+    patch_dim = vlm.config.vision_config.in_channels * vlm.config.vision_config.temporal_patch_size * 14 * 14
+    pixels = torch.randn(int(grid.prod(dim=1).sum()), patch_dim, generator=torch.Generator().manual_seed(0))
+    pixels = pixels.to(device, vlm.dtype)
+    rates, outputs = {}, {}
+    for path, attention in (("stock", "sdpa"), ("ours", "varlen")):
+        set_vision_attention(vlm, attention)
+        outputs[path] = torch.cat(vlm.model.get_image_features(pixels, grid).pooler_output)  # warm-up
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(scale.vision_iters):
+            vlm.model.get_image_features(pixels, grid)
+        synchronize(device)
+        rates[path] = scale.vision_batch * scale.vision_iters / (time.perf_counter() - start)
+    set_vision_attention(vlm, model.config.vision_attention)
+    diff = float((outputs["ours"].float() - outputs["stock"].float()).abs().max())
+    return {"vision_images_per_s": rates}, {"vision_max_abs_diff": diff}
+
+
+# ---------------------------------------------------------------------------------------------------------- decode
+
+class StepClock(LogitsProcessor):
+    """Times every decoding step (device synchronised first) and keeps `<|im_end|>` from ending any row, so every row
+    decodes exactly max_new_tokens."""
+
+    def __init__(self, eos_id: int, device: torch.device):
+        self.eos_id, self.device, self.times = eos_id, device, []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        synchronize(self.device)
+        self.times.append(time.perf_counter())
+        scores[:, self.eos_id] = -torch.inf
+        return scores
+
+    def rate(self, batch: int) -> float:
+        """Tokens/s over the steps after the first (the first follows the prefill)."""
+        return batch * (len(self.times) - 1) / (self.times[-1] - self.times[0])
+
+
+def fast_settings(compile_decode: bool, reuse: bool) -> DecodeSettings:
+    return DecodeSettings(cache="static", compile=compile_decode, reuse_image_features=reuse)
+
+
+@torch.no_grad()
+def bench_decode(model: OmniAbnormCT, tokenizer, image_processor, scale: Scale, device: torch.device,
+                 compile_decode: bool) -> tuple[dict, dict]:
+    image = np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8)
+    rows, tokens = {}, {}
+    for path, settings in (("stock", DecodeSettings()), ("ours", fast_settings(compile_decode, reuse=False))):
+        generator = Generator(model, tokenizer, image_processor, device, settings)
+        prompt = generator.encode(Prompt([Turn("user", GROUNDED_REPORT_EVAL, images=1)], [image]))
+        for batch, key in zip(scale.decode_batches, ("decode_b1_tokens_per_s", "decode_b32_tokens_per_s")):
+            for _ in range(2):  # the first call compiles (ours on CUDA) and allocates; the second is timed
+                clock = StepClock(generator.eos_id, device)
+                out = generator.generate([prompt] * batch, scale.decode_tokens, LogitsProcessorList([clock]))
+            rows.setdefault(key, {})[path] = clock.rate(batch)
+            if batch == 1:
+                tokens[path] = out[0].token_ids
+    return rows, {"decode_greedy_tokens_equal": bool(torch.equal(tokens["stock"], tokens["ours"]))}
+
+
+# -------------------------------------------------------------------------------------------------------- grounded
+
+class Script(LogitsProcessor):
+    """Forces row b to emit scripts[b], then `<|im_end|>`, through the real generate loop."""
+
+    def __init__(self, scripts: list[list[int]], eos_id: int):
+        self.scripts, self.eos_id, self.start = scripts, eos_id, None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.start = input_ids.shape[1] if self.start is None else self.start
+        step = input_ids.shape[1] - self.start
+        chosen = [script[step] if step < len(script) else self.eos_id for script in self.scripts]
+        forced = torch.full_like(scores, -torch.inf)
+        forced[torch.arange(len(chosen)), torch.tensor(chosen)] = 0.0
+        return forced
+
+
+class ScriptedGenerator(Generator):
+    """The pipeline's Generator replying `first` to one-image prompts (round 1) and `second` to two-image prompts
+    (round 2, after the tool turn)."""
+
+    def __init__(self, *args, first: list[int], second: list[int], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.first, self.second = first, second
+
+    def generate(self, prompts, max_new_tokens, logits_processor=None):
+        scripts = [self.first if p.image_grid_thw.shape[0] == 1 else self.second for p in prompts]
+        return super().generate(prompts, max_new_tokens, LogitsProcessorList([Script(scripts, self.eos_id)]))
+
+
+def report_script(tokenizer, length: int) -> list[int]:
+    """A report-like reply of exactly `length` tokens."""
+    text = "Findings 1: A round hypodense lesion in the right lobe of the liver, about 12 mm, well-defined.\n"
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    return (ids * (length // len(ids) + 1))[:length]
+
+
+def bench_grounded(model: OmniAbnormCT, tokenizer, image_processor, scale: Scale, device: torch.device,
+                   compile_decode: bool, phantom: Path) -> tuple[dict, dict]:
+    folders = sorted((phantom / "images").iterdir())
+    cases = [Case(str(folders[i % len(folders)]), task="grounded") for i in range(2 * scale.grounded_batch)]
+    seg_id = tokenizer.convert_tokens_to_ids("<SEG>")
+    script = {"first": [seg_id], "second": report_script(tokenizer, scale.report_tokens)}
+    rows, texts = {}, {}
+    for path, attention, settings in (("stock", "sdpa", DecodeSettings()),
+                                      ("ours", "varlen", fast_settings(compile_decode, reuse=True))):
+        set_vision_attention(model.vlm, attention)
+        for batch, key in ((1, "grounded_b1_s_per_case"), (scale.grounded_batch, "grounded_batched_cases_per_s")):
+            pipe = OmniAbnormPipeline(model, tokenizer, image_processor, device=device, batch_size=batch,
+                                      max_new_tokens=scale.report_tokens + 8)
+            pipe.generator = ScriptedGenerator(pipe.model, tokenizer, image_processor, device, settings, **script)
+            timed = cases[:scale.grounded_cases] if batch == 1 else cases
+            pipe.run(timed[:batch])  # warm-up: compilation, allocations
+            synchronize(device)
+            start = time.perf_counter()
+            reports = pipe.run(timed)
+            elapsed = time.perf_counter() - start
+            rows.setdefault(key, {})[path] = elapsed / len(timed) if batch == 1 else len(timed) / elapsed
+            texts[path] = [(r.text, len(r.findings)) for r in reports]
+    set_vision_attention(model.vlm, model.config.vision_attention)
+    return rows, {"grounded_reports_equal": texts["stock"] == texts["ours"]}
+
+
+# ----------------------------------------------------------------------------------------------------------- train
+
+def training_samples(tokenizer, image_processor, model: OmniAbnormCT, phantom: Path, per_task: int) -> dict:
+    """`per_task` prepared samples of each task the released recipe trains (equal quotas)."""
+    builder = SampleBuilder(tokenizer, image_processor, seg_size=model.config.seg.image_size, augment=SegAugment())
+    records = load_records(phantom / "merged_train.json")
+    samples = {}
+    for name in (name for name, quota in RELEASED_QUOTAS.items() if quota > 0 and name in RECORD_TASKS):
+        task = RECORD_TASKS[name](records, builder, seed=0, train=True)
+        samples[name] = [task[SampleKey(name, i % len(task), i // len(task))] for i in range(per_task)]
+    return samples
+
+
+def flop_counts(model: OmniAbnormCT) -> tuple[int, int]:
+    """(N_llm, N_vision): language-model + output-head parameters without the input embedding; vision tower."""
+    vlm = model.vlm
+    embedding = vlm.get_input_embeddings()
+    llm = sum(p.numel() for p in vlm.model.language_model.parameters()) - embedding.weight.numel() \
+        - embedding.trainable_rows.numel() + vlm.lm_head.weight.numel()
+    return llm, sum(p.numel() for p in vlm.model.visual.parameters())
+
+
+def time_training(model: OmniAbnormCT, groups: list[list[dict]], device: torch.device) -> dict:
+    """Optimizer steps over `groups` (each: its micro-batches, gradients accumulated); the first is a warm-up.
+    → samples/s, MFU % (CUDA), peak memory GiB (CUDA), % of the LLM's token slots that are padding."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=2e-4)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else \
+        contextlib.nullcontext
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    n_llm, n_vision = flop_counts(model)
+    samples = flops = tokens = slots = 0
+    for step, group in enumerate(groups):
+        if step == 1:
+            synchronize(device)
+            start = time.perf_counter()
+        for batch in group:
+            with autocast():
+                out = model(**batch)
+            (out.loss / len(group)).backward()
+            if step:
+                samples += batch["input_ids"].shape[0]
+                tokens += int(batch["attention_mask"].sum())
+                slots += batch["attention_mask"].numel()
+                flops += 6 * n_llm * int(batch["attention_mask"].sum()) + \
+                    2 * n_vision * int(batch["image_grid_thw"].prod(dim=1).sum())
+        torch.nn.utils.clip_grad_norm_(params, 0.3)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    synchronize(device)
+    elapsed = time.perf_counter() - start
+    cuda = device.type == "cuda"
+    return {"samples_per_s": samples / elapsed,
+            "mfu_pct": 100 * flops / elapsed / H100_BF16_FLOPS if cuda else None,
+            "peak_gb": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+            "padding_pct": 100 * (1 - tokens / slots)}
+
+
+def batches(samples: dict, micro: int, steps: int, accumulation: int, pad_id: int, device: torch.device) -> list:
+    """steps + 1 optimizer-step groups of `accumulation` micro-batches of `micro` samples, tasks in turn."""
+    names = list(samples)
+    groups = []
+    for step in range(steps + 1):
+        pool = samples[names[step % len(names)]]
+        groups.append([{k: v.to(device) for k, v in collate(pool[:micro], pad_id).items()}
+                       for _ in range(accumulation)])
+    return groups
+
+
+def bench_train(model: OmniAbnormCT, tokenizer, image_processor, scale: Scale, device: torch.device,
+                phantom: Path) -> tuple[dict, dict]:
+    """Ours first, then stock (which turns on checkpointing and full embedding/head training for good)."""
+    vlm = model.vlm
+    model.train()
+    for p in model.parameters():
+        if p.requires_grad:  # fp32 master weights, as training/loop.py keeps them
+            p.data = p.data.float()
+    samples = training_samples(tokenizer, image_processor, model, phantom, scale.train_micro)
+    pad = tokenizer.pad_token_id
+    model.config.linear_ce = True
+    set_vision_attention(vlm, "varlen")
+    micro = scale.train_micro
+    while True:
+        try:
+            ours = time_training(model, batches(samples, micro, scale.train_steps, 1, pad, device), device)
+            break
+        except torch.OutOfMemoryError:
+            if micro == 1:
+                raise
+            micro //= 2
+            model.zero_grad(set_to_none=True)
+    checks = {"train_micro_batch_ours": micro, "liger_kernel": losses.LigerFusedLinearCrossEntropyLoss is not None}
+    # One batch: the CE of the fast path (Liger on CUDA when installed) against full logits.
+    batch = batches(samples, micro, 0, 1, pad, device)[0][0]
+    with torch.no_grad(), (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                           else contextlib.nullcontext()):
+        model.eval()
+        fast = model(**batch).ce_loss
+        model.config.linear_ce = False
+        plain = model(**batch).ce_loss
+        model.train()
+    checks["linear_ce_abs_diff"] = float((fast - plain).abs())
+
+    set_vision_attention(vlm, "sdpa")
+    vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for layer in (vlm.get_input_embeddings(), vlm.get_output_embeddings()):
+        layer.weight.data = layer.weight.data.float()
+        layer.weight.requires_grad_(True)
+    stock = time_training(model, batches(samples, 1, scale.train_steps, 4, pad, device), device)
+    checks["train_padding_pct_ours"] = ours["padding_pct"]  # what padding-free packing would save
+    rows = {"train_samples_per_s": {"stock": stock["samples_per_s"], "ours": ours["samples_per_s"]},
+            "train_mfu_pct": {"stock": stock["mfu_pct"], "ours": ours["mfu_pct"]},
+            "train_peak_memory_gb": {"stock": stock["peak_gb"], "ours": ours["peak_gb"]}}
+    return rows, checks
+
+
+# ------------------------------------------------------------------------------------------------------------ data
+
+def bench_data(scale: Scale, model: OmniAbnormCT) -> tuple[dict, dict]:
+    cfg = model.config
+    per_task = time_samples(n=scale.phantom_cases, size=scale.phantom_size, repeats=1, seg_size=cfg.seg.image_size,
+                            image_pixels=cfg.image_pixels)
+    return {"cpu_ms_per_sample": {"stock": None, "ours": float(np.mean(list(per_task.values())))}}, \
+        {"cpu_ms_per_sample_by_task": per_task}
+
+
+# ----------------------------------------------------------------------------------------------------------- table
+
+def complete(rows: dict) -> dict:
+    """Measured {stock, ours} per row → with ratio ours / stock and % of the H100 limit."""
+    out = {}
+    for key, values in rows.items():
+        row = ROWS[key]
+        stock, ours = values.get("stock"), values.get("ours")
+        out[key] = {**dataclasses.asdict(row), "stock": stock, "ours": ours,
+                    "ratio": ours / stock if stock and ours is not None else None,
+                    "pct_of_limit": 100 * ours / row.limit if row.limit and ours is not None else None}
+    return out
+
+
+def markdown_table(rows: dict) -> str:
+    def fmt(value, digits: int = 3) -> str:
+        return "—" if value is None else f"{value:.{digits}g}"
+
+    lines = ["| what | unit | stock | ours | ours / stock | % of H100 limit | target |", "|---|---|---|---|---|---|---|"]
+    for key in ROWS:
+        if key in rows:
+            r = rows[key]
+            better = "" if r["ratio"] is None else (" (higher is better)" if r["higher_is_better"] else
+                                                    " (lower is better)")
+            lines.append(f"| {r['what']} | {r['unit']} | {fmt(r['stock'])} | {fmt(r['ours'])} | "
+                         f"{fmt(r['ratio'])}{better} | {fmt(r['pct_of_limit'])} | {r['target']} |")
+    return "\n".join(lines)
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def run(scale: Scale, sections: tuple[str, ...], device: torch.device, work: Path, compile_decode: bool
+        ) -> tuple[dict, dict]:
+    """→ (rows: {key: {stock, ours}}, checks)."""
+    model, tokenizer, image_processor, _ = build(scale.model, work, device)
+    model.eval()  # inference sections first; the train section switches to training mode
+    phantom = write_phantom(work / "phantom", n=scale.phantom_cases, seed=0, size=scale.phantom_size) \
+        if {"grounded", "train"} & set(sections) else None
+    rows, checks = {}, {}
+    steps = {  # train last: it changes the model (fp32 trained tensors, checkpointing, trained full head)
+        "vision": lambda: bench_vision(model, scale, device),
+        "decode": lambda: bench_decode(model, tokenizer, image_processor, scale, device, compile_decode),
+        "grounded": lambda: bench_grounded(model, tokenizer, image_processor, scale, device, compile_decode,
+                                           phantom),
+        "data": lambda: bench_data(scale, model),
+        "train": lambda: bench_train(model, tokenizer, image_processor, scale, device, phantom),
+    }
+    for name, step in steps.items():
+        if name in sections:
+            start = time.perf_counter()
+            section_rows, section_checks = step()
+            rows.update(section_rows)
+            checks.update(section_checks)
+            print(f"[{name}: {time.perf_counter() - start:.0f} s]", flush=True)
+    return rows, checks
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny model on CPU (checks the code, not the speed)")
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections: {', '.join(SECTIONS)}")
+    parser.add_argument("--out", type=Path, help="JSON result; rows of earlier runs in it are kept unless re-measured")
+    parser.add_argument("--device", help="default: cuda when available, else cpu")
+    parser.add_argument("--no-compile", action="store_true", help="ours without torch.compile of the decode step")
+    args = parser.parse_args(argv)
+    sections = tuple(s.strip() for s in args.only.split(",") if s.strip())
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown section(s) {', '.join(sorted(unknown))}; known: {', '.join(SECTIONS)}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
+    scale = TINY if args.tiny else FULL
+    compile_decode = device.type == "cuda" and not args.no_compile  # CPU compilation: slow to start, no CUDA graphs
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        measured, checks = run(scale, sections, device, Path(tmp), compile_decode)
+    previous = json.loads(args.out.read_text()) if args.out is not None and args.out.is_file() else {}
+    if previous.get("meta", {}).get("scale") not in (None, scale.model):
+        previous = {}  # a tiny run never mixes with a real one
+    rows = {**previous.get("rows", {}), **complete(measured)}
+    result = {
+        "meta": {"scale": scale.model, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+                 f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores",
+                 "torch": torch.__version__, "transformers": transformers.__version__,
+                 "varlen_attn": varlen_attn is not None, "compile_decode": compile_decode,
+                 "sizes": dataclasses.asdict(scale)},
+        "rows": rows, "checks": {**previous.get("checks", {}), **checks},
+    }
+    table = markdown_table(rows)
+    print(f"\n{result['meta']['device']}; {scale.model} model; decode batches {scale.decode_batches}, "
+          f"grounded batch {scale.grounded_batch}, vision batch {scale.vision_batch}\n")
+    print(table)
+    print("\nchecks: " + json.dumps(result["checks"]))
+    if args.out is not None:
+        write_json(args.out, {**result, "table": table})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

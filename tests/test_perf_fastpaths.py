@@ -1,0 +1,176 @@
+"""Each fast path (docs/performance.md) gives what the plain path gives, on the tiny model on CPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from bench.perf_bench import ScriptedGenerator, report_script
+from dataset.conversation import Turn
+from dataset.prompts import GROUNDED_REPORT_EVAL
+from inference.cases import Case
+from inference.generate import DecodeSettings, Generator, Prompt
+from inference.pipeline import OmniAbnormPipeline
+from model.losses import linear_cross_entropy, shifted_cross_entropy
+from model.omniabnorm import VARLEN_ATTENTION, build_model, set_vision_attention, varlen_attention
+from model.tiny import tiny_model_config
+from model.trainable_rows import LinearWithTrainableRows
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny model's small ops run fastest on one thread on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def trainable_grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+# ------------------------------------------------------------------------------------- training: no full logits
+
+def test_linear_ce_gives_the_full_logits_loss_and_gradients(tiny, make_batch):
+    model, tokenizer, image_processor, cfg = tiny
+    batch = make_batch(tokenizer, image_processor, seg_counts=[0, 1, 3])
+    plain = model(**batch)
+    plain.loss.backward()
+    expected = trainable_grads(model)
+    model.zero_grad(set_to_none=True)
+    cfg.linear_ce = True  # the model's own config object
+    fast = model(**batch)
+    fast.loss.backward()
+    assert plain.logits.shape[:2] == batch["input_ids"].shape and fast.logits is None
+    torch.testing.assert_close(fast.ce_loss, plain.ce_loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fast.loss, plain.loss, rtol=1e-6, atol=1e-6)
+    got = trainable_grads(model)
+    assert got.keys() == expected.keys() and any(".lora_" in n for n in got)
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert got["vlm.lm_head.trainable_rows"].abs().sum() > 0  # the <SEG> row of the head is trained
+
+
+def test_linear_cross_entropy_in_chunks_and_without_labels():
+    torch.manual_seed(0)
+    head = LinearWithTrainableRows.wrap(nn.Linear(16, 50, bias=False), [3, 7])
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 9))
+    labels[0, :4] = -100
+    labels[1, 6:] = -100
+    reference = shifted_cross_entropy(head(hidden), labels)
+    reference.backward()
+    expected = hidden.grad.clone(), head.trainable_rows.grad.clone()
+    hidden.grad = head.trainable_rows.grad = None
+    loss = linear_cross_entropy(hidden, head, labels, chunk=3)  # 9 labelled positions: three chunks
+    loss.backward()
+    torch.testing.assert_close(loss, reference, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(hidden.grad, expected[0], rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(head.trainable_rows.grad, expected[1], rtol=1e-5, atol=1e-8)
+
+    head.trainable_rows.grad = None
+    empty = linear_cross_entropy(hidden, head, torch.full_like(labels, -100))
+    empty.backward()
+    assert empty.item() == 0.0
+    assert head.trainable_rows.grad is not None and not head.trainable_rows.grad.any()  # present, zero (DDP)
+
+
+# --------------------------------------------------------------------------------------- varlen vision attention
+
+def test_varlen_attention_equals_attention_per_sequence():
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 3, 10, 11, 16], dtype=torch.int32)
+    q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))
+    out, _ = varlen_attention(nn.Module(), q, k, v, None, scaling=0.3, cu_seq_lens_q=cu)
+    assert out.shape == (1, 16, 2, 8)
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        expected = F.scaled_dot_product_attention(q[..., s:e, :], k[..., s:e, :], v[..., s:e, :], scale=0.3)
+        torch.testing.assert_close(out[0, s:e], expected[0].transpose(0, 1), rtol=1e-5, atol=1e-6)
+
+
+def test_varlen_vision_tower_equals_the_window_loop(tiny, tiny_base):
+    """Two images of different sizes, several 112-px windows each: features and gradients match transformers'
+    per-window SDPA loop."""
+    vlm = tiny[0].vlm
+    assert vlm.model.visual.config._attn_implementation == "sdpa"  # the default is transformers' own path
+    grid = torch.tensor([[1, 16, 16], [1, 12, 20]])
+    pixels = torch.randn(int(grid.prod(dim=1).sum()), 1176, generator=torch.Generator().manual_seed(0))
+    weight = vlm.model.visual.blocks[0].attn.qkv.weight  # block 0 attends within windows, block 1 over the image
+    weight.requires_grad_(True)
+    results = {}
+    for kind in ("sdpa", "varlen"):
+        set_vision_attention(vlm, kind)
+        weight.grad = None
+        features = torch.cat(vlm.model.get_image_features(pixels, grid).pooler_output)
+        features.square().sum().backward()
+        results[kind] = features.detach(), weight.grad.clone()
+    assert results["sdpa"][0].shape == (64 + 60, 64)
+    torch.testing.assert_close(results["varlen"][0], results["sdpa"][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results["varlen"][1], results["sdpa"][1], rtol=1e-4, atol=1e-6)
+
+    model, _, _ = build_model(tiny_model_config(tiny_base, vision_attention="varlen"))
+    assert model.vlm.model.visual.config._attn_implementation == VARLEN_ATTENTION
+
+
+# ------------------------------------------------------------------------------------------------ decoding
+
+def _prompts(generator: Generator) -> list:
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), rng.integers(0, 256, (72, 96, 3), dtype=np.uint8)]
+    texts = [GROUNDED_REPORT_EVAL, "Which organ is shown?"]
+    return [generator.encode(Prompt([Turn("user", t, images=1)], [im])) for t, im in zip(texts, images)]
+
+
+def _greedy(tiny, settings: DecodeSettings) -> list[list[int]]:
+    model, tokenizer, image_processor, _ = tiny
+    generator = Generator(model.eval(), tokenizer, image_processor, torch.device("cpu"), settings)
+    return [g.token_ids.tolist() for g in generator.generate(_prompts(generator), max_new_tokens=12)]
+
+
+def test_static_cache_gives_the_dynamic_cache_tokens(tiny):
+    plain = _greedy(tiny, DecodeSettings())
+    assert [len(t) for t in plain] == [12, 12]  # left padding: the rows have different prompt lengths
+    assert _greedy(tiny, DecodeSettings(cache="static")) == plain
+    with pytest.raises(ValueError, match="static"):
+        DecodeSettings(compile=True)
+
+
+@pytest.mark.slow
+def test_compiled_decode_gives_the_same_tokens(tiny):
+    """torch.compile of the decode step on CPU (about 30 s of compilation); on CUDA it also uses CUDA graphs."""
+    assert _greedy(tiny, DecodeSettings(cache="static", compile=True)) == _greedy(tiny, DecodeSettings())
+
+
+def test_image_features_are_computed_once_per_image(tiny, tmp_path):
+    """Two-round grounded flow: the `<SEG>` forward and the second round reuse the key slice's features; the reports
+    are those of the plain path and the vision tower encodes 2 images per case instead of 4."""
+    model, tokenizer, image_processor, _ = tiny
+    rng = np.random.default_rng(1)
+    cases = []
+    for i, shape in enumerate(((64, 64), (72, 96))):
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        cases.append(Case(str(tmp_path / f"{i}.png"), task="grounded"))
+    encoded = []
+    model.vlm.model.visual.register_forward_pre_hook(
+        lambda module, args, kwargs: encoded.append(len(kwargs["grid_thw"])), with_kwargs=True)
+    script = {"first": [tokenizer.convert_tokens_to_ids("<SEG>")], "second": report_script(tokenizer, 6)}
+    reports = {}
+    for reuse in (False, True):
+        pipe = OmniAbnormPipeline(model, tokenizer, image_processor, device="cpu", max_new_tokens=8, batch_size=2)
+        pipe.generator = ScriptedGenerator(pipe.model, tokenizer, image_processor, pipe.device,
+                                           DecodeSettings(reuse_image_features=reuse), **script)
+        encoded.clear()
+        reports[reuse] = pipe.run(cases)
+        assert sum(encoded) == (4 if reuse else 8)  # 2 cases: key slices once + tool images, or 4 forwards' worth
+    for plain, fast in zip(reports[False], reports[True]):
+        assert [r["output"] for r in fast.rounds] == [r["output"] for r in plain.rounds]
+        assert len(plain.rounds) == 2 and plain.generation["seg_tokens"] == 1 and plain.findings
+        assert [f.box_xyxy for f in fast.findings] == [f.box_xyxy for f in plain.findings]
+        for a, b in zip(fast.findings, plain.findings):
+            assert np.array_equal(a.mask, b.mask)
+            assert a.seg_probability == pytest.approx(b.seg_probability, rel=1e-6)
