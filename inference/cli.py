@@ -144,9 +144,8 @@ def check_out(out: Path) -> None:
 
 def load(checkpoint: str | Path, base_model: str | None, args: argparse.Namespace):
     """→ OmniAbnormPipeline, with transformers' progress bars off (stdout/stderr carry results and errors)."""
-    import transformers
-
     import torch
+    import transformers
 
     from inference.generate import DecodeSettings
     from inference.pipeline import OmniAbnormPipeline
