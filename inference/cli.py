@@ -7,7 +7,7 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from dataset.ct import WINDOW_PRESETS, InputError
@@ -81,8 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return with_clear_errors(lambda: _main(args))
+
+
+def with_clear_errors(run: Callable[[], int]) -> int:
+    """Run an entry point's body: a user-facing problem becomes one `error:` line on stderr and exit status 2 (1 for
+    a demo checkpoint not made yet), never a traceback."""
     try:
-        return _main(args)
+        return run()
     except (InputError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -10,12 +10,15 @@ generates everything, nothing is teacher-forced — and measures:
 - organ naming: an abnormal case counts when its report names every organ the phantom put a lesion in ("liver",
   "kidney", "spleen"); a normal case counts when the report is the trained no-abnormality answer.
 Writes `<out>/learning_check.json` (per-case results and the totals) and exits 1 when a target is missed.
+`--demo-out checkpoint/demo` also writes the trained model with its tiny base inside (the demo checkpoint that
+`python inference.py --demo` uses), when the targets are met.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -28,6 +31,7 @@ from inference.cases import Case
 from inference.pipeline import OmniAbnormPipeline
 from training.config import load_config
 from training.loop import resolve_model_dir, train
+from utils.atomic import atomic_folder
 
 DICE_TARGET = 0.8
 ORGAN_TARGET = 0.8
@@ -76,11 +80,25 @@ def check_run(run_dir: str | Path, batch_size: int = 8) -> dict:
             "passed": mean_dice >= DICE_TARGET and organ_rate >= ORGAN_TARGET, "results": results}
 
 
+def write_demo(run_dir: str | Path, out_dir: str | Path) -> Path:
+    """The run's latest model with its tiny base copied inside as `base_model/` (a relative base is read from inside
+    the checkpoint folder), written atomically to `out_dir`."""
+    run = Path(run_dir)
+    with atomic_folder(out_dir) as tmp:
+        shutil.copytree(resolve_model_dir(str(run)), tmp, dirs_exist_ok=True)
+        shutil.copytree(run / "tiny_base", tmp / "base_model")
+        meta = json.loads((tmp / "omniabnorm.json").read_text())
+        meta["model"]["base_model"] = "base_model"
+        (tmp / "omniabnorm.json").write_text(json.dumps(meta, indent=2))
+    return Path(out_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/phantom_tiny.yaml")
     parser.add_argument("--out", required=True, help="run folder (training output and learning_check.json)")
     parser.add_argument("--skip-training", action="store_true", help="only evaluate an existing run in --out")
+    parser.add_argument("--demo-out", help="when the targets are met, write the model here as a demo checkpoint")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = parser.parse_args(argv)
     start = time.perf_counter()
@@ -94,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"held-out cases {summary['cases']}: Dice {summary['dice']:.3f} (target {DICE_TARGET}), organ named "
           f"{summary['organ_named']:.1%} (target {ORGAN_TARGET:.0%}); training {summary['train_seconds']} s, "
           f"check {summary['check_seconds']} s → {'PASS' if summary['passed'] else 'FAIL'}")
+    if args.demo_out and summary["passed"]:
+        print(f"demo checkpoint written to {write_demo(args.out, args.demo_out)}")
     return 0 if summary["passed"] else 1
 
 

@@ -17,8 +17,7 @@ from pathlib import Path
 
 from dataset.ct import InputError
 from inference.cases import DEFAULT_MAX_NEW_TOKENS
-from inference.cli import DEMO_BANNER, DEMO_CHECKPOINT, DEMO_SEED, demo_case, load
-from model.config import ConfigError
+from inference.cli import DEMO_BANNER, DEMO_CHECKPOINT, DEMO_SEED, demo_case, load, with_clear_errors
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,18 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return _main(args)
-    except (InputError, ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except RuntimeError as err:
-        from model.checkpoint import CheckpointError  # loaded already whenever one can be raised
-
-        if not isinstance(err, CheckpointError):
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return with_clear_errors(lambda: _main(args))
 
 
 def _main(args: argparse.Namespace) -> int:
