@@ -48,6 +48,12 @@ TINY_SEG = SegModuleConfig(
 
 
 LM_HEAD_SCALE = 10.0  # see write_tiny_base
+# Qwen's rope theta (1e6) on 16-dim heads: multimodal rope gives the image-height and -width sections the lowest of the
+# 8 frequencies (≤ 0.03 and ≤ 2e-4 rad per patch), so attention from text to image tokens could not tell left from
+# right (a liver lesion from a splenic one). The 7B model has 64 frequencies per head and a pretrained vision tower
+# that writes position into its features; the tiny one needs a small theta for its h / w sections to turn (0.13–0.56
+# rad per patch).
+TINY_ROPE_THETA = 10.0
 
 
 def _train_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
@@ -72,7 +78,7 @@ def tiny_vlm_config(tokenizer) -> Qwen2_5_VLConfig:
         text_config=dict(
             vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+            rope_parameters={"rope_type": "default", "rope_theta": TINY_ROPE_THETA, "mrope_section": [2, 3, 3]},
             bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
         ),
         vision_config=dict(

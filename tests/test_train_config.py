@@ -39,7 +39,7 @@ def test_overrides_are_typed_and_dotted():
         "optim.betas=[0.8, 0.9]", "data.phantom=null", "data.root=data/x", "eval_every=0"])
     assert (cfg.output_dir, cfg.max_steps, cfg.resume_from) == ("runs/x", 6, "runs/y")
     assert cfg.model.lora.r == 8 and cfg.data.tasks["grounding"] == 5 and cfg.optim.betas == (0.8, 0.9)
-    assert cfg.data.phantom is None and cfg.data.tasks["visual_prompt"] == 40  # other quotas kept
+    assert cfg.data.phantom is None and cfg.data.tasks["visual_prompt"] == 160  # other quotas kept
     assert load_config(None, ["data.root=d"]).model.lora.r == 32  # no file: all defaults
 
 
