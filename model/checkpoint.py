@@ -162,9 +162,10 @@ def save_checkpoint(model: OmniAbnormCT, tokenizer, out_dir: str | Path, extra: 
     The tensors are read from `model`, or from `state` when given: full tensors by `OmniAbnormCT` parameter name
     (`vlm.…`, `seg_module.…`), e.g. gathered from FSDP2 shards by torch.distributed.checkpoint's `get_state_dict`.
     """
-    vlm_names, seg_names = list(trained_vlm_state(model)), seg_module_tensor_names(model)
+    vlm_state = trained_vlm_state(model)
+    vlm_names, seg_names = list(vlm_state), seg_module_tensor_names(model)
     if state is None:
-        state = {f"vlm.{n}": t for n, t in trained_vlm_state(model).items()}
+        state = {f"vlm.{n}": t for n, t in vlm_state.items()}
         state.update({f"seg_module.{n}": t for n, t in model.seg_module.state_dict().items()})
     missing = [n for n in [f"vlm.{n}" for n in vlm_names] + [f"seg_module.{n}" for n in seg_names] if n not in state]
     if missing:
