@@ -29,6 +29,7 @@ import numpy as np
 
 from dataset.prompts import NO_ABNORMALITY
 from dataset.records import load_records
+from evaluation.seg_metrics import dice
 from inference.cases import Case
 from inference.pipeline import OmniAbnormPipeline
 from training.config import load_config
@@ -38,12 +39,6 @@ from utils.atomic import atomic_folder
 DICE_TARGET = 0.8
 ORGAN_TARGET = 0.8
 PLANES = ("axial", "coronal", "sagittal")
-
-
-def dice(pred: np.ndarray, gt: np.ndarray) -> float:
-    """(H, W) bool pair → Dice; both empty → 1."""
-    total = int(pred.sum()) + int(gt.sum())
-    return 1.0 if total == 0 else 2.0 * int((pred & gt).sum()) / total
 
 
 def names_organs(text: str, organs: set[str]) -> bool:
