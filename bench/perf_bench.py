@@ -3,7 +3,7 @@
     python bench/perf_bench.py --out perf.json                  # one H100: Qwen2.5-VL-7B architecture, random weights
     python bench/perf_bench.py --tiny --out perf_tiny.json      # the same code on the tiny model, on CPU
     python bench/perf_bench.py --only vision,decode --out perf.json   # some sections; other rows in perf.json stay
-    python bench/perf_bench.py --no-compile ...                  # ours without torch.compile of the decode step
+    python bench/perf_bench.py --no-graphs ...                   # ours without CUDA graphs of the decode step
 
 The model is built by bench/perf_model.py (real sizes from numbers in code, random weights created on the device,
 LoRA and segmentation module as the released recipe). Prints one Markdown table (ours / stock, % of the H100 limit
@@ -14,11 +14,12 @@ Sections, and what "stock" and "ours" are in each:
 - vision: vision-tower forward on 504 × 504 images. stock: transformers' SDPA loop (one call per window per image
   per layer); ours: `model.vision_attention = "varlen"` (one packed call per layer).
 - decode: greedy tokens/s after the prefill, batch 1 and 32 (one 512² slice + the grounded instruction each).
-  stock: dynamic KV cache; ours: static KV cache and, on CUDA, the compiled decode step (CUDA graphs).
+  stock: transformers' generate() with its dynamic KV cache; ours: inference/decoding.py, a static KV cache and, on
+  CUDA, the decode step replayed as a CUDA graph.
 - grounded: the two-round grounded flow of inference/pipeline.py, s/case at batch 1 and cases/s batched (phantom
   DICOM-like slice folders; random weights would never emit `<SEG>`, so the replies are scripted through the real
   generate loop: round 1 `<SEG>`, round 2 a report of `report_tokens` tokens). stock: plain Generator, SDPA vision
-  loop; ours: image features reused, varlen vision, static cache (+ compiled decode on CUDA).
+  loop; ours: image features reused, varlen vision, the static loop (+ CUDA graphs on CUDA).
 - train: the released recipe (LoRA r 32 / α 16 on q/v, `<SEG>` rows, segmentation module, AdamW, clip 0.3, bf16
   autocast) on the five released tasks in turn. stock: HF style — micro-batch 1 × 4 accumulation, gradient
   checkpointing, full embedding and output head trained (as the release did), full-vocabulary logits, SDPA vision
@@ -41,6 +42,7 @@ import platform
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,16 +177,16 @@ class StepClock(LogitsProcessor):
         return batch * (len(self.times) - 1) / (self.times[-1] - self.times[0])
 
 
-def fast_settings(compile_decode: bool, reuse: bool) -> DecodeSettings:
-    return DecodeSettings(cache="static", compile=compile_decode, reuse_image_features=reuse)
+def fast_settings(graphs: bool, reuse: bool) -> DecodeSettings:
+    return DecodeSettings(loop="static", cuda_graphs=graphs, reuse_image_features=reuse)
 
 
 @torch.no_grad()
 def bench_decode(model: OmniAbnormCT, tokenizer, image_processor, scale: Scale, device: torch.device,
-                 compile_decode: bool) -> tuple[dict, dict]:
+                 graphs: bool) -> tuple[dict, dict]:
     image = np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8)
     rows, tokens = {}, {}
-    for path, settings in (("stock", DecodeSettings()), ("ours", fast_settings(compile_decode, reuse=False))):
+    for path, settings in (("stock", DecodeSettings()), ("ours", fast_settings(graphs, reuse=False))):
         generator = Generator(model, tokenizer, image_processor, device, settings)
         prompt = generator.encode(Prompt([Turn("user", GROUNDED_REPORT_EVAL, images=1)], [image]))
         for batch, key in zip(scale.decode_batches, ("decode_b1_tokens_per_s", "decode_b32_tokens_per_s")):
@@ -194,7 +196,13 @@ def bench_decode(model: OmniAbnormCT, tokenizer, image_processor, scale: Scale, 
             rows.setdefault(key, {})[path] = clock.rate(batch)
             if batch == 1:
                 tokens[path] = out[0].token_ids
-    return rows, {"decode_greedy_tokens_equal": bool(torch.equal(tokens["stock"], tokens["ours"]))}
+    checks = {"decode_greedy_tokens_equal": bool(torch.equal(tokens["stock"], tokens["ours"]))}
+    if graphs:  # replaying the captured step must give what running it does
+        generator = Generator(model, tokenizer, image_processor, device, fast_settings(False, reuse=False))
+        out = generator.generate([prompt], scale.decode_tokens, LogitsProcessorList([StepClock(generator.eos_id,
+                                                                                               device)]))
+        checks["decode_graph_tokens_equal_no_graph"] = bool(torch.equal(out[0].token_ids, tokens["ours"]))
+    return rows, checks
 
 
 # -------------------------------------------------------------------------------------------------------- grounded
@@ -235,14 +243,14 @@ def report_script(tokenizer, length: int) -> list[int]:
 
 
 def bench_grounded(model: OmniAbnormCT, tokenizer, image_processor, scale: Scale, device: torch.device,
-                   compile_decode: bool, phantom: Path) -> tuple[dict, dict]:
+                   graphs: bool, phantom: Path) -> tuple[dict, dict]:
     folders = sorted((phantom / "images").iterdir())
     cases = [Case(str(folders[i % len(folders)]), task="grounded") for i in range(2 * scale.grounded_batch)]
     seg_id = tokenizer.convert_tokens_to_ids("<SEG>")
     script = {"first": [seg_id], "second": report_script(tokenizer, scale.report_tokens)}
     rows, texts = {}, {}
     for path, attention, settings in (("stock", "sdpa", DecodeSettings()),
-                                      ("ours", "varlen", fast_settings(compile_decode, reuse=True))):
+                                      ("ours", "varlen", fast_settings(graphs, reuse=True))):
         set_vision_attention(model.vlm, attention)
         for batch, key in ((1, "grounded_b1_s_per_case"), (scale.grounded_batch, "grounded_batched_cases_per_s")):
             pipe = OmniAbnormPipeline(model, tokenizer, image_processor, device=device, batch_size=batch,
@@ -320,6 +328,42 @@ def time_training(model: OmniAbnormCT, groups: list[list[dict]], device: torch.d
             "padding_pct": 100 * (1 - tokens / slots)}
 
 
+def profile_training(model: OmniAbnormCT, groups: list[list[dict]], device: torch.device, path: Path) -> None:
+    """Forward and backward of `groups` (one per task) under torch.profiler → `path`: ops and kernels by GPU time,
+    with the forward of the vision tower, language model and segmentation module as named ranges (backward runs
+    on autograd's own thread, so its kernels show in the list but not under a range)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    vlm = model.vlm
+    parts = {"vision_tower": vlm.model.visual, "language_model": vlm.model.language_model,
+             "seg_module": model.seg_module}
+    ranges = {}
+    hooks = [m.register_forward_pre_hook(lambda _m, _a, n=name: ranges.setdefault(n, []).append(
+        record_function(f"forward/{n}").__enter__())) for name, m in parts.items()]
+    hooks += [m.register_forward_hook(lambda _m, _a, _o, n=name: ranges[n].pop().__exit__(None, None, None))
+              for name, m in parts.items()]
+    params = [p for p in model.parameters() if p.requires_grad]
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for batch in (batch for group in groups for batch in group):
+            with record_function("forward"), (torch.autocast("cuda", dtype=torch.bfloat16)
+                                              if device.type == "cuda" else contextlib.nullcontext()):
+                out = model(**batch)
+            with record_function("backward"):
+                out.loss.backward()
+            with record_function("clip_and_zero"):
+                torch.nn.utils.clip_grad_norm_(params, 0.3)
+                model.zero_grad(set_to_none=True)
+        synchronize(device)
+    for hook in hooks:
+        hook.remove()
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=45, max_name_column_width=70)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(table)
+    print(table, flush=True)
+
+
 def batches(samples: dict, micro: int, steps: int, accumulation: int, pad_id: int, device: torch.device) -> list:
     """steps + 1 optimizer-step groups of `accumulation` micro-batches of `micro` samples, tasks in turn."""
     names = list(samples)
@@ -332,7 +376,7 @@ def batches(samples: dict, micro: int, steps: int, accumulation: int, pad_id: in
 
 
 def bench_train(model: OmniAbnormCT, tokenizer, image_processor, scale: Scale, device: torch.device,
-                phantom: Path) -> tuple[dict, dict]:
+                phantom: Path, profile: Path | None = None) -> tuple[dict, dict]:
     """Ours first, then stock (which turns on checkpointing and full embedding/head training for good)."""
     vlm = model.vlm
     model.train()
@@ -353,6 +397,8 @@ def bench_train(model: OmniAbnormCT, tokenizer, image_processor, scale: Scale, d
                 raise
             micro //= 2
             model.zero_grad(set_to_none=True)
+    if profile is not None:
+        profile_training(model, batches(samples, micro, len(samples) - 1, 1, pad, device), device, profile)
     checks = {"train_micro_batch_ours": micro, "liger_kernel": losses.LigerFusedLinearCrossEntropyLoss is not None}
     # One batch: the CE of the fast path (Liger on CUDA when installed) against full logits.
     batch = batches(samples, micro, 0, 1, pad, device)[0][0]
@@ -425,9 +471,10 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def run(scale: Scale, sections: tuple[str, ...], device: torch.device, work: Path, compile_decode: bool
-        ) -> tuple[dict, dict]:
-    """→ (rows: {key: {stock, ours}}, checks)."""
+def run(scale: Scale, sections: tuple[str, ...], device: torch.device, work: Path, graphs: bool,
+        on_section=lambda rows, checks: None, profile: Path | None = None) -> tuple[dict, dict]:
+    """→ (rows: {key: {stock, ours}}, checks). `on_section(rows, checks)` is called after each section, so a run
+    stopped at a time limit keeps what it measured."""
     model, tokenizer, image_processor, _ = build(scale.model, work, device)
     model.eval()  # inference sections first; the train section switches to training mode
     phantom = write_phantom(work / "phantom", n=scale.phantom_cases, seed=0, size=scale.phantom_size) \
@@ -435,19 +482,24 @@ def run(scale: Scale, sections: tuple[str, ...], device: torch.device, work: Pat
     rows, checks = {}, {}
     steps = {  # train last: it changes the model (fp32 trained tensors, checkpointing, trained full head)
         "vision": lambda: bench_vision(model, scale, device),
-        "decode": lambda: bench_decode(model, tokenizer, image_processor, scale, device, compile_decode),
-        "grounded": lambda: bench_grounded(model, tokenizer, image_processor, scale, device, compile_decode,
+        "decode": lambda: bench_decode(model, tokenizer, image_processor, scale, device, graphs),
+        "grounded": lambda: bench_grounded(model, tokenizer, image_processor, scale, device, graphs,
                                            phantom),
         "data": lambda: bench_data(scale, model),
-        "train": lambda: bench_train(model, tokenizer, image_processor, scale, device, phantom),
+        "train": lambda: bench_train(model, tokenizer, image_processor, scale, device, phantom, profile),
     }
     for name, step in steps.items():
         if name in sections:
             start = time.perf_counter()
-            section_rows, section_checks = step()
+            try:
+                section_rows, section_checks = step()
+            except Exception as error:  # noqa: BLE001 - one failing section must not lose the others' figures
+                traceback.print_exc()
+                section_rows, section_checks = {}, {f"{name}_error": f"{type(error).__name__}: {error}"}
             rows.update(section_rows)
             checks.update(section_checks)
             print(f"[{name}: {time.perf_counter() - start:.0f} s]", flush=True)
+            on_section(rows, checks)
     return rows, checks
 
 
@@ -457,7 +509,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections: {', '.join(SECTIONS)}")
     parser.add_argument("--out", type=Path, help="JSON result; rows of earlier runs in it are kept unless re-measured")
     parser.add_argument("--device", help="default: cuda when available, else cpu")
-    parser.add_argument("--no-compile", action="store_true", help="ours without torch.compile of the decode step")
+    parser.add_argument("--no-graphs", action="store_true", help="ours without CUDA graphs of the decode step")
+    parser.add_argument("--profile-train", type=Path, metavar="FILE",
+                        help="also profile one training step of ours (torch.profiler table written to FILE)")
     args = parser.parse_args(argv)
     sections = tuple(s.strip() for s in args.only.split(",") if s.strip())
     unknown = set(sections) - set(SECTIONS)
@@ -465,29 +519,33 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown section(s) {', '.join(sorted(unknown))}; known: {', '.join(SECTIONS)}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
     scale = TINY if args.tiny else FULL
-    compile_decode = device.type == "cuda" and not args.no_compile  # CPU compilation: slow to start, no CUDA graphs
-    torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as tmp:
-        measured, checks = run(scale, sections, device, Path(tmp), compile_decode)
+    graphs = device.type == "cuda" and not args.no_graphs
     previous = json.loads(args.out.read_text()) if args.out is not None and args.out.is_file() else {}
     if previous.get("meta", {}).get("scale") not in (None, scale.model):
         previous = {}  # a tiny run never mixes with a real one
-    rows = {**previous.get("rows", {}), **complete(measured)}
-    result = {
-        "meta": {"scale": scale.model, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
-                 f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores",
-                 "torch": torch.__version__, "transformers": transformers.__version__,
-                 "varlen_attn": varlen_attn is not None, "compile_decode": compile_decode,
-                 "sizes": dataclasses.asdict(scale)},
-        "rows": rows, "checks": {**previous.get("checks", {}), **checks},
-    }
-    table = markdown_table(rows)
-    print(f"\n{result['meta']['device']}; {scale.model} model; decode batches {scale.decode_batches}, "
+    meta = {"scale": scale.model, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+            f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores",
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "varlen_attn": varlen_attn is not None, "graphs": graphs,
+            "sizes": dataclasses.asdict(scale)}
+
+    def result(measured: dict, checks: dict) -> dict:
+        rows = {**previous.get("rows", {}), **complete(measured)}
+        return {"meta": meta, "rows": rows, "checks": {**previous.get("checks", {}), **checks},
+                "table": markdown_table(rows)}
+
+    def save(measured: dict, checks: dict) -> None:
+        if args.out is not None:
+            write_json(args.out, result(measured, checks))
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        final = result(*run(scale, sections, device, Path(tmp), graphs, on_section=save,
+                         profile=args.profile_train))
+    print(f"\n{meta['device']}; {scale.model} model; decode batches {scale.decode_batches}, "
           f"grounded batch {scale.grounded_batch}, vision batch {scale.vision_batch}\n")
-    print(table)
-    print("\nchecks: " + json.dumps(result["checks"]))
-    if args.out is not None:
-        write_json(args.out, {**result, "table": table})
+    print(final["table"])
+    print("\nchecks: " + json.dumps(final["checks"]))
     return 0
 
 

@@ -150,7 +150,6 @@ def check_out(out: Path) -> None:
 
 def load(checkpoint: str | Path, base_model: str | None, args: argparse.Namespace):
     """→ OmniAbnormPipeline, with transformers' progress bars off (stdout/stderr carry results and errors)."""
-    import torch
     import transformers
 
     from inference.generate import DecodeSettings
@@ -159,8 +158,7 @@ def load(checkpoint: str | Path, base_model: str | None, args: argparse.Namespac
     transformers.utils.logging.disable_progress_bar()
     start = time.perf_counter()
     print(f"loading {checkpoint} …", file=sys.stderr)
-    on_cuda = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")).type == "cuda"
-    decode = DecodeSettings("static", compile=on_cuda, reuse_image_features=True) if args.fast else None
+    decode = DecodeSettings(loop="static", reuse_image_features=True) if args.fast else None
     pipe = OmniAbnormPipeline.from_checkpoint(checkpoint, base_model, device=args.device, decode=decode,
                                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     print(f"loaded in {time.perf_counter() - start:.1f} s on {pipe.device}", file=sys.stderr)

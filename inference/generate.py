@@ -9,24 +9,26 @@ any real token's position (tests/test_inference.py checks a batch against each r
 `<SEG>` queries are taken as training takes them: one forward over prompt + generated tokens
 (`OmniAbnormCT.seg_queries`), last-layer hidden state after the final norm at each `<SEG>` input position.
 
-`DecodeSettings` switches the fast paths (docs/performance.md): a static KV cache, a compiled decode step, and
-image features computed once per distinct image and reused by the `<SEG>` forward and the second round.
+`DecodeSettings` switches the fast paths (docs/performance.md): our own greedy loop over a static KV cache with the
+decode step replayed as a CUDA graph (inference/decoding.py), and image features computed once per distinct image
+and reused by the `<SEG>` forward and the second round.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
-from transformers import CompileConfig
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from dataset.conversation import Turn, encode
 from dataset.vision import VisionPreprocessor
+from inference.decoding import StaticDecoder
 from model.omniabnorm import OmniAbnormCT
 
 
@@ -51,15 +53,13 @@ class EncodedPrompt:
 class DecodeSettings:
     """Inference fast paths. The defaults are transformers' plain path (the stock path of bench/perf_bench.py)."""
 
-    cache: str = "dynamic"  # dynamic | static: KV cache preallocated to prompt + max_new_tokens (fixed shapes)
-    compile: bool = False  # torch.compile the decode step (CUDA graphs on GPU); needs cache="static"
+    loop: str = "transformers"  # transformers: model.generate, dynamic KV cache | static: inference.decoding
+    cuda_graphs: bool = True  # static loop on CUDA: each decode step replayed as a CUDA graph
     reuse_image_features: bool = False  # run the vision tower once per distinct image, not once per forward
 
     def __post_init__(self) -> None:
-        if self.cache not in ("dynamic", "static"):
-            raise ValueError(f"cache must be dynamic or static, got {self.cache!r}")
-        if self.compile and self.cache != "static":
-            raise ValueError("compile needs cache='static' (a dynamic cache changes shape every step)")
+        if self.loop not in ("transformers", "static"):
+            raise ValueError(f"loop must be transformers or static, got {self.loop!r}")
 
 
 @dataclass
@@ -87,13 +87,28 @@ class Generator:
         self.image_token_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
         self.eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        self.static = StaticDecoder(model.vlm, self.eos_id, self.settings.cuda_graphs) \
+            if self.settings.loop == "static" else None
 
     def encode(self, prompt: Prompt) -> EncodedPrompt:
+        return self.encode_all([prompt])[0]
+
+    def encode_all(self, prompts: Sequence[Prompt], pool: Executor | None = None) -> list[EncodedPrompt]:
+        """Prompts → encoded prompts. The images' preprocessing (and reuse keys) runs on `pool`'s threads when given;
+        the tokenizer runs on the calling thread (a fast tokenizer is not safe to share between threads)."""
+        images = (pool.map if pool is not None else map)(self._pixels, prompts)
+        encoded = []
+        for prompt, (pixel_values, grid, keys) in zip(prompts, images):
+            conversation = encode(self.tokenizer, prompt.turns, (grid.prod(dim=1) // self.merge).tolist(),
+                                  self.image_token_id, add_generation_prompt=True)
+            encoded.append(EncodedPrompt(conversation.input_ids, conversation.mm_token_type_ids, pixel_values, grid,
+                                         keys))
+        return encoded
+
+    def _pixels(self, prompt: Prompt) -> tuple[Tensor, Tensor, tuple[bytes, ...]]:
         pixel_values, grid = self.vision(prompt.images)
-        conversation = encode(self.tokenizer, prompt.turns, (grid.prod(dim=1) // self.merge).tolist(),
-                              self.image_token_id, add_generation_prompt=True)
         keys = tuple(image_key(image) for image in prompt.images) if self.settings.reuse_image_features else ()
-        return EncodedPrompt(conversation.input_ids, conversation.mm_token_type_ids, pixel_values, grid, keys)
+        return pixel_values, grid, keys
 
     def batch(self, rows: Sequence[tuple[EncodedPrompt, Tensor]]) -> dict[str, Tensor]:
         """(prompt, continuation ids) rows → left-padded model kwargs on the device: input_ids, attention_mask,
@@ -118,13 +133,16 @@ class Generator:
         """Greedy decoding of all prompts in one batch (left padding, KV cache on)."""
         empty = torch.zeros(0, dtype=torch.long)
         inputs = self._with_features(self.batch([(p, empty) for p in prompts]), prompts)
-        # Every setting explicit: a base model's generation_config (Qwen2.5-VL-7B-Instruct: repetition_penalty 1.05,
-        # sampling settings) would otherwise fill in whatever is left unset.
-        out = self.model.vlm.generate(**inputs, do_sample=False, num_beams=1, repetition_penalty=1.0,
-                                      max_new_tokens=max_new_tokens, eos_token_id=self.eos_id,
-                                      pad_token_id=self.pad_id, use_cache=True, logits_processor=logits_processor,
-                                      **self._cache_kwargs())
-        new = out[:, inputs["input_ids"].shape[1]:].cpu()
+        if self.static is not None:
+            new = self.static.generate(inputs, max_new_tokens, logits_processor).cpu()
+        else:
+            # Every setting explicit: a base model's generation_config (Qwen2.5-VL-7B-Instruct: repetition_penalty
+            # 1.05, sampling settings) would otherwise fill in whatever is left unset.
+            out = self.model.vlm.generate(**inputs, do_sample=False, num_beams=1, repetition_penalty=1.0,
+                                          max_new_tokens=max_new_tokens, eos_token_id=self.eos_id,
+                                          pad_token_id=self.pad_id, use_cache=True,
+                                          logits_processor=logits_processor)
+            new = out[:, inputs["input_ids"].shape[1]:].cpu()
         results = []
         for prompt, row in zip(prompts, new):
             ends = (row == self.eos_id).nonzero()
@@ -139,19 +157,6 @@ class Generator:
         """Generated rows → queries (B, N, D), query_mask (B, N), seg_probability (B, N), on the device."""
         inputs = self.batch([(g.prompt, g.token_ids) for g in rows])
         return self.model.seg_queries(**self._with_features(inputs, [g.prompt for g in rows]))
-
-    def _cache_kwargs(self) -> dict:
-        """generate() arguments for the KV cache and compilation settings."""
-        if self.settings.cache == "dynamic":
-            return {}
-        # transformers compiles static-cache decoding by itself on CUDA unless told not to, and never elsewhere
-        # unless told to (CPU compilation is for tests: slow to start, no CUDA graphs).
-        kwargs = {"cache_implementation": "static", "disable_compile": not self.settings.compile}
-        if self.settings.compile and self.device.type != "cuda":
-            config = CompileConfig(mode="default")
-            config._compile_all_devices = True
-            kwargs["compile_config"] = config
-        return kwargs
 
     def _with_features(self, inputs: dict[str, Tensor], prompts: Sequence[EncodedPrompt]) -> dict:
         """Model kwargs from `batch` → the same with the images' features in place of their pixels, when reusing.

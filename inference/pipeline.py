@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +52,7 @@ from model.omniabnorm import OmniAbnormCT
 from postprocess.findings import mask_to_findings
 
 REFUSALS = (NO_ABNORMALITY, NO_RELEVANT_ABNORMALITY)
+CPU_WORKERS = min(8, os.cpu_count() or 1)  # threads reading cases and preprocessing images
 _SEG_MARK = re.compile(r" ?" + re.escape(SEG_TOKEN))
 _FINDINGS_PREFIX = re.compile(r"^Findings\s*\d+\s*:\s*")
 
@@ -121,23 +124,39 @@ class OmniAbnormPipeline:
         return list(self.iter_run(cases, ids))
 
     def iter_run(self, cases: Sequence[Case | str | Path], ids: Sequence[str] | None = None) -> Iterator[Report]:
-        """`run`, yielding each batch's reports as soon as the batch is done."""
+        """`run`, yielding each batch's reports as soon as the batch is done.
+
+        Reading and preparing cases (CPU) runs on `CPU_WORKERS` threads, one batch ahead: while the GPU works on a
+        batch, the next batch's cases are read. Image preprocessing of each round's prompts uses the same threads.
+        """
         cases = [c if isinstance(c, Case) else Case(input=str(c)) for c in cases]
         for case in cases:
             check_case(case)
         ids = list(ids) if ids is not None else case_ids(cases)
         if len(ids) != len(cases):
             raise ValueError(f"{len(ids)} ids for {len(cases)} cases")
-        for start in range(0, len(cases), self.batch_size):
-            yield from self.run_batch(cases[start:start + self.batch_size], ids[start:start + self.batch_size])
+        starts = range(0, len(cases), self.batch_size)
+        with ThreadPoolExecutor(CPU_WORKERS) as pool:
+            def read(start: int) -> list[Future]:
+                return [pool.submit(prepare, case, self.seg_size, self.seg_slices)
+                        for case in cases[start:start + self.batch_size]]
 
-    def run_batch(self, cases: Sequence[Case], ids: Sequence[str]) -> list[Report]:
-        """One generation batch: round 1 for all, segmentation for rows that emitted `<SEG>`, round 2 for the
-        two-round flows."""
-        start = time.perf_counter()
-        prepared = [prepare(case, self.seg_size, self.seg_slices) for case in cases]
+            pending = read(0) if cases else []
+            for start in starts:
+                began = time.perf_counter()
+                prepared = [future.result() for future in pending]
+                pending = read(start + self.batch_size) if start + self.batch_size < len(cases) else []
+                yield from self.run_batch(prepared, ids[start:start + self.batch_size], pool, began)
+
+    def run_batch(self, prepared: Sequence[PreparedCase], ids: Sequence[str], pool: Executor | None = None,
+                  began: float | None = None) -> list[Report]:
+        """One generation batch of prepared cases: round 1 for all, segmentation for rows that emitted `<SEG>`,
+        round 2 for the two-round flows. `began`: when the batch started (its reports' batch_seconds count from
+        there)."""
+        start = time.perf_counter() if began is None else began
         first = self.generator.generate(
-            [self.generator.encode(Prompt([Turn("user", p.instruction, images=1)], [p.vlm_image])) for p in prepared],
+            self.generator.encode_all([Prompt([Turn("user", p.instruction, images=1)], [p.vlm_image])
+                                       for p in prepared], pool),
             self.max_new_tokens)
 
         seg_rows = [i for i, p in enumerate(prepared)
@@ -174,12 +193,12 @@ class OmniAbnormPipeline:
             turns = [Turn("user", p.instruction, images=1), Turn("assistant", first[i].text),
                      Turn("tool", "", images=1)]
             second_rows.append(i)
-            second_prompts.append(self.generator.encode(Prompt(turns, [p.vlm_image, tool_image])))
-        second = dict(zip(second_rows, self.generator.generate(second_prompts, self.max_new_tokens))) \
-            if second_prompts else {}
+            second_prompts.append(Prompt(turns, [p.vlm_image, tool_image]))
+        second = dict(zip(second_rows, self.generator.generate(self.generator.encode_all(second_prompts, pool),
+                                                               self.max_new_tokens))) if second_prompts else {}
 
         elapsed = time.perf_counter() - start
-        timing = {"batch_cases": len(cases), "batch_seconds": round(elapsed, 4), "device": str(self.device)}
+        timing = {"batch_cases": len(prepared), "batch_seconds": round(elapsed, 4), "device": str(self.device)}
         return [self._report(p, case_id, first[i], second.get(i), findings[i], timing)
                 for i, (p, case_id) in enumerate(zip(prepared, ids))]
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from bench.perf_bench import ScriptedGenerator, report_script
 from dataset.conversation import Turn
@@ -126,24 +127,57 @@ def _prompts(generator: Generator) -> list:
     return [generator.encode(Prompt([Turn("user", t, images=1)], [im])) for t, im in zip(texts, images)]
 
 
-def _greedy(tiny, settings: DecodeSettings) -> list[list[int]]:
+def _greedy(tiny, settings: DecodeSettings, max_new_tokens: int = 12, processor=None) -> list[list[int]]:
     model, tokenizer, image_processor, _ = tiny
     generator = Generator(model.eval(), tokenizer, image_processor, torch.device("cpu"), settings)
-    return [g.token_ids.tolist() for g in generator.generate(_prompts(generator), max_new_tokens=12)]
+    rows = generator.generate(_prompts(generator), max_new_tokens, processor and LogitsProcessorList([processor]))
+    return [g.token_ids.tolist() for g in rows]
 
 
-def test_static_cache_gives_the_dynamic_cache_tokens(tiny):
-    plain = _greedy(tiny, DecodeSettings())
-    assert [len(t) for t in plain] == [12, 12]  # left padding: the rows have different prompt lengths
-    assert _greedy(tiny, DecodeSettings(cache="static")) == plain
-    with pytest.raises(ValueError, match="static"):
-        DecodeSettings(compile=True)
+def test_static_loop_gives_the_tokens_and_scores_of_generate(tiny):
+    """Left-padded rows of different prompt lengths, decoded to the token limit: same tokens, and the same scores at
+    every step (tokens alone would miss a small error such as a rope position off by one). The CPU runs the loop
+    without CUDA graphs; bench/perf_bench.py compares the graphs with the loop run without them on the GPU."""
+    _, tokenizer, _, _ = tiny
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    plain_scores, static_scores = StopAt(eos, []), StopAt(eos, [])
+    plain = _greedy(tiny, DecodeSettings(), processor=plain_scores)
+    assert [len(t) for t in plain] == [12, 12]
+    assert _greedy(tiny, DecodeSettings(loop="static"), processor=static_scores) == plain
+    assert len(static_scores.scores) == len(plain_scores.scores) == 12
+    for ours, theirs in zip(static_scores.scores, plain_scores.scores):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="loop"):
+        DecodeSettings(loop="compiled")
 
 
-@pytest.mark.slow
-def test_compiled_decode_gives_the_same_tokens(tiny):
-    """torch.compile of the decode step on CPU (about 30 s of compilation); on CUDA it also uses CUDA graphs."""
-    assert _greedy(tiny, DecodeSettings(cache="static", compile=True)) == _greedy(tiny, DecodeSettings())
+class StopAt(LogitsProcessor):
+    """Records the scores of every step and forces `<|im_end|>` at step `stops[b]` of row b."""
+
+    def __init__(self, eos_id: int, stops: list[int]):
+        self.eos_id, self.stops, self.start, self.scores = eos_id, stops, None, []
+
+    def __call__(self, input_ids, scores):
+        self.scores.append(scores.clone())
+        self.start = input_ids.shape[1] if self.start is None else self.start
+        for b, stop in enumerate(self.stops):
+            if input_ids.shape[1] - self.start == stop:
+                scores[b] = -torch.inf
+                scores[b, self.eos_id] = 0.0
+        return scores
+
+
+@pytest.mark.parametrize("stops", [[2, 5], [0, 3], [4, 4]])
+def test_static_loop_stops_where_generate_stops(tiny, stops):
+    """Rows ending at different steps, one at the very first token: same tokens, and the loop stops once every row
+    has ended (the processor sees every step, so its calls count the steps)."""
+    _, tokenizer, _, _ = tiny
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    plain = _greedy(tiny, DecodeSettings(), processor=StopAt(eos, stops))
+    counting = StopAt(eos, stops)
+    assert _greedy(tiny, DecodeSettings(loop="static"), processor=counting) == plain
+    assert [len(t) for t in plain] == stops
+    assert len(counting.scores) == max(stops) + 1
 
 
 def test_image_features_are_computed_once_per_image(tiny, tmp_path):

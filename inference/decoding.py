@@ -1,0 +1,150 @@
+"""Greedy decoding over a preallocated KV cache, each decode step replayed as one CUDA graph.
+
+transformers' `generate()` spends more host time per token than an H100 needs for the 7B forward at batch 1:
+its input preparation, logits processors, stopping criteria and a device sync run in Python every step, and the
+GPU waits (bench/perf_bench.py measured 93 tokens/s with its compiled static-cache step, against about 220 that
+the weights' bandwidth allows). Here:
+
+- the prefill is the model's own forward (vision tower, image features, 3D rope positions) into a `StaticCache`
+  of `bucket_len(prompt + max_new_tokens)` slots, so a handful of cache lengths serve all prompts;
+- every later step is one fixed-shape call of the language model and output head: token (B, 1), rope positions
+  (3, B, 1), and a (B, 1, 1, slots) key mask passed as transformers' prepared mask mapping. On CUDA that call is
+  captured once per (batch, slots) as a CUDA graph and replayed; elsewhere it runs as is (the same arithmetic, so
+  CPU tests check the loop against `generate()`);
+- between steps only a few small tensor updates run, and the end-of-turn check reads the previous step's flag,
+  copied to pinned memory without blocking, so the host never waits for the step it just launched (at most one
+  step is decoded past the point where every row has finished; its tokens are cut like any after `<|im_end|>`).
+
+Rope positions of new tokens continue as transformers continues them: one past the row's last prompt position in
+each of the three rope sections (Qwen2.5-VL's 3D positions make that differ from the cache index).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import Tensor
+from transformers import StaticCache
+
+CACHE_BUCKET = 256  # cache slots are rounded up to a multiple of this: few shapes, few graphs
+MAX_SHAPES = 4  # (batch, slots) caches and graphs kept; the least recently used beyond this is dropped
+
+
+def bucket_len(length: int, bucket: int = CACHE_BUCKET) -> int:
+    return -(-length // bucket) * bucket
+
+
+class _DecodeState:
+    """Cache and fixed-address step buffers of one (batch, slots) shape, and the step's CUDA graph once captured."""
+
+    def __init__(self, vlm, batch: int, slots: int, device: torch.device):
+        self.cache = StaticCache(config=vlm.config, max_cache_len=slots)
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(3, batch, 1, dtype=torch.long, device=device)
+        self.key_mask = torch.zeros(batch, 1, 1, slots, dtype=torch.bool, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: Tensor | None = None  # the graph's output buffer
+
+
+class StaticDecoder:
+    """Greedy decoding of a left-padded batch; `use_graphs` captures the decode step on CUDA."""
+
+    def __init__(self, vlm, eos_id: int, use_graphs: bool):
+        self.vlm = vlm
+        self.eos_id = eos_id
+        self.use_graphs = use_graphs
+        self._states: OrderedDict[tuple[int, int], _DecodeState] = OrderedDict()
+
+    @torch.no_grad()
+    def generate(self, inputs: dict[str, Tensor], max_new_tokens: int, logits_processor=None) -> Tensor:
+        """inputs: the model kwargs of a left-padded batch (input_ids, attention_mask (B, L), mm_token_type_ids,
+        image_grid_thw, and pixel_values or mm_encoder_outputs) → new token ids (B, T), T ≤ max_new_tokens,
+        `<|im_end|>` and anything after it included as decoded. `logits_processor(input_ids (B, L + t), scores (B, V))`
+        may change the scores of step t, as in transformers."""
+        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        batch, length = input_ids.shape
+        device = input_ids.device
+        state = self._state(batch, bucket_len(length + max_new_tokens), device)
+        state.cache.reset()
+        positions, _ = self.vlm.model.get_rope_index(
+            input_ids, inputs["mm_token_type_ids"], inputs["image_grid_thw"], attention_mask=attention_mask)
+        prefill = self.vlm(**inputs, position_ids=positions, past_key_values=state.cache, use_cache=True,
+                           logits_to_keep=1)
+        scores = prefill.logits[:, -1]
+        state.key_mask.zero_()
+        state.key_mask[:, 0, 0, :length] = attention_mask.bool()
+        state.positions.copy_(positions[:, :, -1:] + 1)  # the last prompt token is real (left padding)
+        ids = torch.cat([input_ids, input_ids.new_zeros(batch, max_new_tokens)], dim=1)  # (B, L + max_new)
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        flag = torch.zeros((), dtype=torch.bool, pin_memory=device.type == "cuda")
+        pending = None  # (event, step) of the latest finished-flag copy not yet read
+        steps = max_new_tokens
+        for t in range(max_new_tokens):
+            if logits_processor is not None:
+                scores = logits_processor(ids[:, :length + t], scores.float())
+            token = scores.argmax(dim=-1)
+            ids[:, length + t] = token
+            finished |= token == self.eos_id
+            if t == max_new_tokens - 1:
+                break
+            if pending is not None:  # the previous step's flag: ready, since this step's inputs came after it
+                pending.synchronize()
+                if bool(flag):
+                    steps = t + 1
+                    break
+            flag.copy_(finished.all(), non_blocking=True)
+            pending = torch.cuda.Event() if device.type == "cuda" else None
+            if pending is not None:
+                pending.record()
+            elif bool(flag):  # CPU: the copy is already done
+                steps = t + 1
+                break
+            state.token.copy_(token[:, None])
+            state.key_mask[:, 0, 0, length + t] = True
+            scores = self._step(state, device)
+            state.positions.add_(1)
+        return ids[:, length:length + steps]
+
+    def _state(self, batch: int, slots: int, device: torch.device) -> _DecodeState:
+        key = (batch, slots)
+        if key in self._states:
+            self._states.move_to_end(key)
+        else:
+            while len(self._states) >= MAX_SHAPES:
+                self._states.popitem(last=False)
+            self._states[key] = _DecodeState(self.vlm, batch, slots, device)
+        return self._states[key]
+
+    def _forward(self, state: _DecodeState) -> Tensor:
+        """One decode step on the state's buffers → scores (B, V) of the next token."""
+        language_model = self.vlm.model.language_model
+        hidden = language_model(inputs_embeds=language_model.embed_tokens(state.token), position_ids=state.positions,
+                                attention_mask={"full_attention": state.key_mask},
+                                past_key_values=state.cache, use_cache=True).last_hidden_state
+        return self.vlm.lm_head(hidden[:, -1])
+
+    def _step(self, state: _DecodeState, device: torch.device) -> Tensor:
+        if not (self.use_graphs and device.type == "cuda"):
+            return self._forward(state)
+        if state.graph is None:
+            self._capture(state)
+        state.graph.replay()
+        return state.logits
+
+    def _capture(self, state: _DecodeState) -> None:
+        """Capture the step as a CUDA graph. The warm-up steps that capture needs write this step's key and value
+        (rewritten by the first replay) and advance the cache's lengths, which are restored."""
+        layers = state.cache.layers
+        lengths = [layer.cumulative_length.clone() for layer in layers]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._forward(state)
+        torch.cuda.current_stream().wait_stream(stream)
+        for layer, saved in zip(layers, lengths):
+            layer.cumulative_length.copy_(saved)
+        state.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(state.graph):  # its own memory pool: graphs of different shapes replay in any order
+            state.logits = self._forward(state)
