@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
+from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import LogitsProcessor, LogitsProcessorList
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -183,7 +184,7 @@ def fast_settings(graphs: bool, reuse: bool) -> DecodeSettings:
 
 @torch.no_grad()
 def bench_decode(model: OmniAbnormCT, tokenizer, image_processor, scale: Scale, device: torch.device,
-                 graphs: bool) -> tuple[dict, dict]:
+                 graphs: bool, profile: Path | None = None) -> tuple[dict, dict]:
     image = np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8)
     rows, tokens = {}, {}
     for path, settings in (("stock", DecodeSettings()), ("ours", fast_settings(graphs, reuse=False))):
@@ -202,6 +203,24 @@ def bench_decode(model: OmniAbnormCT, tokenizer, image_processor, scale: Scale, 
         out = generator.generate([prompt], scale.decode_tokens, LogitsProcessorList([StepClock(generator.eos_id,
                                                                                                device)]))
         checks["decode_graph_tokens_equal_no_graph"] = bool(torch.equal(out[0].token_ids, tokens["ours"]))
+    # Ours at batch 1 with the LoRA update merged into the base weights (peft's merge): what merging would add.
+    lora = [m for m in model.vlm.modules() if isinstance(m, BaseTunerLayer)]
+    base = [layer.get_base_layer().weight.clone() for layer in lora]  # unmerging in bf16 would not restore them
+    for layer in lora:
+        layer.merge()
+    generator = Generator(model, tokenizer, image_processor, device, fast_settings(graphs, reuse=False))
+    for _ in range(2):
+        clock = StepClock(generator.eos_id, device)
+        generator.generate([prompt], scale.decode_tokens, LogitsProcessorList([clock]))
+    checks["decode_b1_tokens_per_s_lora_merged"] = clock.rate(1)
+    if profile is not None:  # where a batch-1 step's time goes: the loop's kernels, run without graphs
+        generator = Generator(model, tokenizer, image_processor, device, fast_settings(False, reuse=False))
+        with profiled(device) as prof:
+            generator.generate([prompt], 16, LogitsProcessorList([StepClock(generator.eos_id, device)]))
+        write_profile(prof, device, profile / "decode_b1_lora_merged.txt")
+    for layer, weight in zip(lora, base):
+        layer.unmerge()
+        layer.get_base_layer().weight.data.copy_(weight)
     return rows, checks
 
 
@@ -328,11 +347,25 @@ def time_training(model: OmniAbnormCT, groups: list[list[dict]], device: torch.d
             "padding_pct": 100 * (1 - tokens / slots)}
 
 
+def profiled(device: torch.device):
+    from torch.profiler import ProfilerActivity, profile
+    return profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else []))
+
+
+def write_profile(prof, device: torch.device, path: Path) -> None:
+    """Ops and kernels by GPU time (CPU time on CPU), 45 rows → `path`, and printed."""
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=45, max_name_column_width=70)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(table)
+    print(table, flush=True)
+
+
 def profile_training(model: OmniAbnormCT, groups: list[list[dict]], device: torch.device, path: Path) -> None:
-    """Forward and backward of `groups` (one per task) under torch.profiler → `path`: ops and kernels by GPU time,
-    with the forward of the vision tower, language model and segmentation module as named ranges (backward runs
-    on autograd's own thread, so its kernels show in the list but not under a range)."""
-    from torch.profiler import ProfilerActivity, profile, record_function
+    """Forward and backward of `groups` (one per task) under torch.profiler → `path`, with the forward of the vision
+    tower, language model and segmentation module as named ranges (backward runs on autograd's own thread, so its
+    kernels show in the list but not under a range)."""
+    from torch.profiler import record_function
 
     vlm = model.vlm
     parts = {"vision_tower": vlm.model.visual, "language_model": vlm.model.language_model,
@@ -343,8 +376,7 @@ def profile_training(model: OmniAbnormCT, groups: list[list[dict]], device: torc
     hooks += [m.register_forward_hook(lambda _m, _a, _o, n=name: ranges[n].pop().__exit__(None, None, None))
               for name, m in parts.items()]
     params = [p for p in model.parameters() if p.requires_grad]
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profiled(device) as prof:
         for batch in (batch for group in groups for batch in group):
             with record_function("forward"), (torch.autocast("cuda", dtype=torch.bfloat16)
                                               if device.type == "cuda" else contextlib.nullcontext()):
@@ -357,11 +389,7 @@ def profile_training(model: OmniAbnormCT, groups: list[list[dict]], device: torc
         synchronize(device)
     for hook in hooks:
         hook.remove()
-    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort, row_limit=45, max_name_column_width=70)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(table)
-    print(table, flush=True)
+    write_profile(prof, device, path)
 
 
 def batches(samples: dict, micro: int, steps: int, accumulation: int, pad_id: int, device: torch.device) -> list:
@@ -398,7 +426,8 @@ def bench_train(model: OmniAbnormCT, tokenizer, image_processor, scale: Scale, d
             micro //= 2
             model.zero_grad(set_to_none=True)
     if profile is not None:
-        profile_training(model, batches(samples, micro, len(samples) - 1, 1, pad, device), device, profile)
+        profile_training(model, batches(samples, micro, len(samples) - 1, 1, pad, device), device,
+                         profile / "train_steps.txt")
     checks = {"train_micro_batch_ours": micro, "liger_kernel": losses.LigerFusedLinearCrossEntropyLoss is not None}
     # One batch: the CE of the fast path (Liger on CUDA when installed) against full logits.
     batch = batches(samples, micro, 0, 1, pad, device)[0][0]
@@ -482,7 +511,7 @@ def run(scale: Scale, sections: tuple[str, ...], device: torch.device, work: Pat
     rows, checks = {}, {}
     steps = {  # train last: it changes the model (fp32 trained tensors, checkpointing, trained full head)
         "vision": lambda: bench_vision(model, scale, device),
-        "decode": lambda: bench_decode(model, tokenizer, image_processor, scale, device, graphs),
+        "decode": lambda: bench_decode(model, tokenizer, image_processor, scale, device, graphs, profile),
         "grounded": lambda: bench_grounded(model, tokenizer, image_processor, scale, device, graphs,
                                            phantom),
         "data": lambda: bench_data(scale, model),
@@ -510,8 +539,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="JSON result; rows of earlier runs in it are kept unless re-measured")
     parser.add_argument("--device", help="default: cuda when available, else cpu")
     parser.add_argument("--no-graphs", action="store_true", help="ours without CUDA graphs of the decode step")
-    parser.add_argument("--profile-train", type=Path, metavar="FILE",
-                        help="also profile one training step of ours (torch.profiler table written to FILE)")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="also profile ours (torch.profiler tables in DIR): one training step per task, and 16 "
+                             "decode steps at batch 1")
     args = parser.parse_args(argv)
     sections = tuple(s.strip() for s in args.only.split(",") if s.strip())
     unknown = set(sections) - set(SECTIONS)
@@ -541,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         final = result(*run(scale, sections, device, Path(tmp), graphs, on_section=save,
-                         profile=args.profile_train))
+                         profile=args.profile))
     print(f"\n{meta['device']}; {scale.model} model; decode batches {scale.decode_batches}, "
           f"grounded batch {scale.grounded_batch}, vision batch {scale.vision_batch}\n")
     print(final["table"])
