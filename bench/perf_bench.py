@@ -161,21 +161,24 @@ def bench_vision(model: OmniAbnormCT, scale: Scale, device: torch.device) -> tup
 # ---------------------------------------------------------------------------------------------------------- decode
 
 class StepClock(LogitsProcessor):
-    """Times every decoding step (device synchronised first) and keeps `<|im_end|>` from ending any row, so every row
-    decodes exactly max_new_tokens."""
+    """Keeps `<|im_end|>` from ending any row, so every row decodes exactly `steps` tokens, and times the decode
+    forwards between the first and the last (device synchronised there only: a sync every step would add host time
+    that a real run does not spend)."""
 
-    def __init__(self, eos_id: int, device: torch.device):
-        self.eos_id, self.device, self.times = eos_id, device, []
+    def __init__(self, eos_id: int, device: torch.device, steps: int):
+        self.eos_id, self.device, self.steps, self.calls, self.times = eos_id, device, steps, 0, []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        synchronize(self.device)
-        self.times.append(time.perf_counter())
+        if self.calls in (1, self.steps - 1):  # call k follows decode forward k (forward 0 is the prefill)
+            synchronize(self.device)
+            self.times.append(time.perf_counter())
+        self.calls += 1
         scores[:, self.eos_id] = -torch.inf
         return scores
 
     def rate(self, batch: int) -> float:
-        """Tokens/s over the steps after the first (the first follows the prefill)."""
-        return batch * (len(self.times) - 1) / (self.times[-1] - self.times[0])
+        """Tokens/s of the decode forwards 2 … steps − 1."""
+        return batch * (self.steps - 2) / (self.times[-1] - self.times[0])
 
 
 def fast_settings(graphs: bool, reuse: bool) -> DecodeSettings:
@@ -192,7 +195,7 @@ def bench_decode(model: OmniAbnormCT, tokenizer, image_processor, scale: Scale, 
         prompt = generator.encode(Prompt([Turn("user", GROUNDED_REPORT_EVAL, images=1)], [image]))
         for batch, key in zip(scale.decode_batches, ("decode_b1_tokens_per_s", "decode_b32_tokens_per_s")):
             for _ in range(2):  # the first call compiles (ours on CUDA) and allocates; the second is timed
-                clock = StepClock(generator.eos_id, device)
+                clock = StepClock(generator.eos_id, device, scale.decode_tokens)
                 out = generator.generate([prompt] * batch, scale.decode_tokens, LogitsProcessorList([clock]))
             rows.setdefault(key, {})[path] = clock.rate(batch)
             if batch == 1:
@@ -200,8 +203,8 @@ def bench_decode(model: OmniAbnormCT, tokenizer, image_processor, scale: Scale, 
     checks = {"decode_greedy_tokens_equal": bool(torch.equal(tokens["stock"], tokens["ours"]))}
     if graphs:  # replaying the captured step must give what running it does
         generator = Generator(model, tokenizer, image_processor, device, fast_settings(False, reuse=False))
-        out = generator.generate([prompt], scale.decode_tokens, LogitsProcessorList([StepClock(generator.eos_id,
-                                                                                               device)]))
+        clock = StepClock(generator.eos_id, device, scale.decode_tokens)
+        out = generator.generate([prompt], scale.decode_tokens, LogitsProcessorList([clock]))
         checks["decode_graph_tokens_equal_no_graph"] = bool(torch.equal(out[0].token_ids, tokens["ours"]))
     # Ours at batch 1 with the LoRA update merged into the base weights (peft's merge): what merging would add.
     lora = [m for m in model.vlm.modules() if isinstance(m, BaseTunerLayer)]
@@ -210,13 +213,13 @@ def bench_decode(model: OmniAbnormCT, tokenizer, image_processor, scale: Scale, 
         layer.merge()
     generator = Generator(model, tokenizer, image_processor, device, fast_settings(graphs, reuse=False))
     for _ in range(2):
-        clock = StepClock(generator.eos_id, device)
+        clock = StepClock(generator.eos_id, device, scale.decode_tokens)
         generator.generate([prompt], scale.decode_tokens, LogitsProcessorList([clock]))
     checks["decode_b1_tokens_per_s_lora_merged"] = clock.rate(1)
     if profile is not None:  # where a batch-1 step's time goes: the loop's kernels, run without graphs
         generator = Generator(model, tokenizer, image_processor, device, fast_settings(False, reuse=False))
         with profiled(device) as prof:
-            generator.generate([prompt], 16, LogitsProcessorList([StepClock(generator.eos_id, device)]))
+            generator.generate([prompt], 16, LogitsProcessorList([StepClock(generator.eos_id, device, 16)]))
         write_profile(prof, device, profile / "decode_b1_lora_merged.txt")
     for layer, weight in zip(lora, base):
         layer.unmerge()
@@ -309,8 +312,10 @@ def flop_counts(model: OmniAbnormCT) -> tuple[int, int]:
     return llm, sum(p.numel() for p in vlm.model.visual.parameters())
 
 
-def time_training(model: OmniAbnormCT, groups: list[list[dict]], device: torch.device) -> dict:
-    """Optimizer steps over `groups` (each: its micro-batches, gradients accumulated); the first is a warm-up.
+def time_training(model: OmniAbnormCT, groups: list[list[dict]], warmup: int, device: torch.device) -> dict:
+    """Optimizer steps over `groups` (each: its micro-batches, gradients accumulated), the first `warmup` untimed
+    (one per task, so no timed step is the first with its shapes). Token counts are read before the clock starts: a
+    host read inside the loop would make the CPU wait for every micro-batch.
     → samples/s, MFU % (CUDA), peak memory GiB (CUDA), % of the LLM's token slots that are padding."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-4)
@@ -320,21 +325,19 @@ def time_training(model: OmniAbnormCT, groups: list[list[dict]], device: torch.d
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     n_llm, n_vision = flop_counts(model)
-    samples = flops = tokens = slots = 0
+    timed = [batch for group in groups[warmup:] for batch in group]
+    samples = sum(batch["input_ids"].shape[0] for batch in timed)
+    tokens = sum(int(batch["attention_mask"].sum()) for batch in timed)
+    slots = sum(batch["attention_mask"].numel() for batch in timed)
+    flops = 6 * n_llm * tokens + 2 * n_vision * sum(int(batch["image_grid_thw"].prod(dim=1).sum()) for batch in timed)
     for step, group in enumerate(groups):
-        if step == 1:
+        if step == warmup:
             synchronize(device)
             start = time.perf_counter()
         for batch in group:
             with autocast():
                 out = model(**batch)
             (out.loss / len(group)).backward()
-            if step:
-                samples += batch["input_ids"].shape[0]
-                tokens += int(batch["attention_mask"].sum())
-                slots += batch["attention_mask"].numel()
-                flops += 6 * n_llm * int(batch["attention_mask"].sum()) + \
-                    2 * n_vision * int(batch["image_grid_thw"].prod(dim=1).sum())
         torch.nn.utils.clip_grad_norm_(params, 0.3)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -393,10 +396,10 @@ def profile_training(model: OmniAbnormCT, groups: list[list[dict]], device: torc
 
 
 def batches(samples: dict, micro: int, steps: int, accumulation: int, pad_id: int, device: torch.device) -> list:
-    """steps + 1 optimizer-step groups of `accumulation` micro-batches of `micro` samples, tasks in turn."""
+    """`steps` optimizer-step groups of `accumulation` micro-batches of `micro` samples, tasks in turn."""
     names = list(samples)
     groups = []
-    for step in range(steps + 1):
+    for step in range(steps):
         pool = samples[names[step % len(names)]]
         groups.append([{k: v.to(device) for k, v in collate(pool[:micro], pad_id).items()}
                        for _ in range(accumulation)])
@@ -416,9 +419,11 @@ def bench_train(model: OmniAbnormCT, tokenizer, image_processor, scale: Scale, d
     model.config.linear_ce = True
     set_vision_attention(vlm, "varlen")
     micro = scale.train_micro
+    warmup = len(samples)  # one step of each task before the clock starts
     while True:
         try:
-            ours = time_training(model, batches(samples, micro, scale.train_steps, 1, pad, device), device)
+            ours = time_training(model, batches(samples, micro, warmup + scale.train_steps, 1, pad, device), warmup,
+                                 device)
             break
         except torch.OutOfMemoryError:
             if micro == 1:
@@ -426,11 +431,11 @@ def bench_train(model: OmniAbnormCT, tokenizer, image_processor, scale: Scale, d
             micro //= 2
             model.zero_grad(set_to_none=True)
     if profile is not None:
-        profile_training(model, batches(samples, micro, len(samples) - 1, 1, pad, device), device,
+        profile_training(model, batches(samples, micro, warmup, 1, pad, device), device,
                          profile / "train_steps.txt")
     checks = {"train_micro_batch_ours": micro, "liger_kernel": losses.LigerFusedLinearCrossEntropyLoss is not None}
     # One batch: the CE of the fast path (Liger on CUDA when installed) against full logits.
-    batch = batches(samples, micro, 0, 1, pad, device)[0][0]
+    batch = batches(samples, micro, 1, 1, pad, device)[0][0]
     with torch.no_grad(), (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                            else contextlib.nullcontext()):
         model.eval()
@@ -445,7 +450,7 @@ def bench_train(model: OmniAbnormCT, tokenizer, image_processor, scale: Scale, d
     for layer in (vlm.get_input_embeddings(), vlm.get_output_embeddings()):
         layer.weight.data = layer.weight.data.float()
         layer.weight.requires_grad_(True)
-    stock = time_training(model, batches(samples, 1, scale.train_steps, 4, pad, device), device)
+    stock = time_training(model, batches(samples, 1, warmup + scale.train_steps, 4, pad, device), warmup, device)
     checks["train_padding_pct_ours"] = ours["padding_pct"]  # what padding-free packing would save
     rows = {"train_samples_per_s": {"stock": stock["samples_per_s"], "ours": ours["samples_per_s"]},
             "train_mfu_pct": {"stock": stock["mfu_pct"], "ours": ours["mfu_pct"]},
