@@ -131,3 +131,9 @@ def test_evaluation_sh_on_phantom_with_demo_checkpoint(phantom, tmp_path):
     assert again.returncode == 0
     assert (out / PREDICTIONS).read_text().splitlines() == predictions
     assert [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()] == scores
+
+    fast = _evaluation(*args[:2], tmp_path / "fast", *args[3:], "--fast")  # the fast decode paths: same predictions
+    assert fast.returncode == 0, fast.stderr[-2000:]
+    timeless = [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in predictions]
+    assert [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+            for line in (tmp_path / "fast" / PREDICTIONS).read_text().splitlines()] == timeless
