@@ -70,6 +70,7 @@ from inference.pipeline import OmniAbnormPipeline
 from model import losses
 from model.omniabnorm import OmniAbnormCT, set_vision_attention, varlen_attn
 from training.config import RELEASED_QUOTAS
+from utils.atomic import write_text_atomic
 
 H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM
 SECTIONS = ("vision", "decode", "grounded", "train", "data")
@@ -497,14 +498,6 @@ def markdown_table(rows: dict) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
-
-
 def run(scale: Scale, sections: tuple[str, ...], device: torch.device, work: Path, graphs: bool,
         on_section=lambda rows, checks: None, profile: Path | None = None) -> tuple[dict, dict]:
     """→ (rows: {key: {stock, ours}}, checks). `on_section(rows, checks)` is called after each section, so a run
@@ -571,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def save(measured: dict, checks: dict) -> None:
         if args.out is not None:
-            write_json(args.out, result(measured, checks))
+            write_text_atomic(args.out, json.dumps(result(measured, checks), indent=1))
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:

@@ -34,6 +34,7 @@ from dataset.records import Record, load_records
 from dataset.visual_prompt import PROMPT_KINDS
 from inference.cases import Case
 from inference.report import mask_rle
+from utils.atomic import write_text_atomic
 
 BENCHMARKS = ("visual_prompt", "grounded", "text_guided")
 PLANES = ("axial", "coronal", "sagittal")
@@ -141,13 +142,6 @@ def check_meta(out: Path, meta: dict) -> None:
                              f"folder or delete {path.parent / PREDICTIONS} to start over")
         return
     write_text_atomic(path, json.dumps(meta, indent=1) + "\n")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def prediction_line(item: Item, report) -> dict:

@@ -26,10 +26,11 @@ from PIL import Image
 from dataset.ct import InputError
 from dataset.records import Record, load_records
 from evaluation.aggregate import METRICS, aggregate
-from evaluation.predict import annotation_files, read_done, write_text_atomic
+from evaluation.predict import annotation_files, read_done
 from evaluation.seg_metrics import NSD_TOLERANCE_PX, components, lesion_counts, per_finding_dice, seg_metrics
 from evaluation.text_metrics import MODEL_METRICS, TEXT_METRICS, TextScorer
 from inference.report import rle_to_mask
+from utils.atomic import write_text_atomic
 
 SEG_GRIDS = ("512", "native")
 _FINDINGS_PREFIX = re.compile(r"^\s*Findings\s*\d+\s*:\s*", re.MULTILINE)

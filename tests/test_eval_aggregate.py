@@ -58,6 +58,7 @@ def test_max_over_types_is_per_finding_and_per_metric():
     assert summary[("visual_prompt", MAX_OVER_TYPES)]["sample"]["bleu1"] == pytest.approx(40.0)
 
 
+@pytest.mark.slow  # starts METEOR's Java scorer
 def test_text_guided_refusal_rules(tmp_path):
     (tmp_path / "img").mkdir()
     (tmp_path / "mask").mkdir()

@@ -36,6 +36,7 @@ def test_rouge_by_hand():
     assert rouge("a b c d", "d c b a x") == pytest.approx({"rouge1": 800 / 9, "rougeL": 200 / 9})
 
 
+@pytest.mark.slow  # starts METEOR's Java scorer
 def test_scorer_identical_and_disjoint_and_model_metrics_null_with_reason():
     scorer = TextScorer(model_metrics=("bertscore",))
     same, disjoint = scorer.score([(REF, REF), ("liver cyst", "renal stone")])

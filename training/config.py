@@ -10,8 +10,6 @@ a list). Unknown keys, wrong types and out-of-range values raise `ConfigError` n
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +19,7 @@ import yaml
 
 from dataset.tasks import RECORD_TASKS
 from model.config import ConfigError, ModelConfig, from_dict
+from utils.atomic import write_text_atomic
 
 TINY_BASE = "tiny"  # model.base_model: tiny → model/tiny.py's base is written into the run folder
 TEXT_TASKS = ("instruction_qa", "report_corpus")
@@ -206,9 +205,4 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Train
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
     """Write the resolved config as YAML, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False, allow_unicode=True)
-    os.replace(tmp, path)
+    write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True))

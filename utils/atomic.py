@@ -1,4 +1,8 @@
-"""Atomic folder writes: a reader sees the old folder or the complete new one, never a half-written one."""
+"""Atomic writes: a reader sees the old file or folder or the complete new one, never a half-written one.
+
+Both get the permissions a plainly created file or folder would get (the process umask): `tempfile`'s 0600 / 0700
+would hide outputs from the user's group.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ def atomic_folder(out: str | os.PathLike) -> Iterator[Path]:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o777 & ~_umask())
     try:
         yield tmp
         if out.exists():
@@ -29,3 +34,24 @@ def atomic_folder(out: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `text` (UTF-8) to `path` through a temporary file beside it, synced, then renamed over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
