@@ -49,7 +49,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
-from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import LogitsProcessor, LogitsProcessorList
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -68,7 +67,7 @@ from inference.cases import Case
 from inference.generate import DecodeSettings, Generator, Prompt
 from inference.pipeline import OmniAbnormPipeline
 from model import losses
-from model.omniabnorm import OmniAbnormCT, set_vision_attention, varlen_attn
+from model.omniabnorm import OmniAbnormCT, lora_layers, set_vision_attention, varlen_attn
 from training.config import RELEASED_QUOTAS
 from utils.atomic import write_text_atomic
 
@@ -208,11 +207,10 @@ def bench_decode(model: OmniAbnormCT, tokenizer, image_processor, scale: Scale, 
         out = generator.generate([prompt], scale.decode_tokens, LogitsProcessorList([clock]))
         checks["decode_graph_tokens_equal_no_graph"] = bool(torch.equal(out[0].token_ids, tokens["ours"]))
     # Ours at batch 1 with the LoRA update merged into the base weights (peft's merge): what merging would add.
-    lora = [m for m in model.vlm.modules() if isinstance(m, BaseTunerLayer)]
+    lora = lora_layers(model.vlm)
     base = [layer.get_base_layer().weight.clone() for layer in lora]  # unmerging in bf16 would not restore them
-    for layer in lora:
-        layer.merge()
-    generator = Generator(model, tokenizer, image_processor, device, fast_settings(graphs, reuse=False))
+    generator = Generator(model, tokenizer, image_processor, device,
+                          dataclasses.replace(fast_settings(graphs, reuse=False), merge_lora=True))
     for _ in range(2):
         clock = StepClock(generator.eos_id, device, scale.decode_tokens)
         generator.generate([prompt], scale.decode_tokens, LogitsProcessorList([clock]))

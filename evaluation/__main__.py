@@ -61,8 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--batch-size", type=int, default=8)
     run.add_argument("--max-new-tokens", type=int, default=256)
     run.add_argument("--fast", action="store_true",
-                     help="decode fast paths as in inference.py (docs/performance.md): the static decode loop (CUDA "
-                          "graphs on GPU) and image features reused; the plain path's tokens, up to bf16 rounding")
+                     help="decode fast paths as in inference.py --fast (docs/performance.md); the plain path's "
+                          "predictions, up to bf16 rounding on GPU")
     run.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available; under torchrun each rank "
                                       "uses cuda:LOCAL_RANK unless cpu is given)")
     run.add_argument("--predict-only", action="store_true",
@@ -130,7 +130,7 @@ def _predict(args: argparse.Namespace, items: list[Item]) -> bool:
                 pipeline = OmniAbnormPipeline.from_checkpoint(
                     args.checkpoint, args.base_model, device=device, max_new_tokens=args.max_new_tokens,
                     batch_size=args.batch_size,
-                    decode=DecodeSettings(loop="static", reuse_image_features=True) if args.fast else None)
+                    decode=DecodeSettings.fast() if args.fast else None)
             except CheckpointError as err:
                 raise InputError(str(err)) from None
             for _ in predict(pipeline, items, args.out, sys.stderr.isatty() and env.is_main, env.rank,

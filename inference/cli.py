@@ -73,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="cases generated together")
     p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available)")
     p.add_argument("--fast", action="store_true",
-                   help="decode fast paths: static KV cache, vision tower once per image, and on CUDA a compiled "
-                        "decode step (docs/performance.md; same outputs, compiles once per batch shape)")
+                   help="decode fast paths (docs/performance.md): our static-cache decode loop, each step a CUDA "
+                        "graph on GPU; LoRA merged into the base weights; vision tower once per image. The plain "
+                        "path's outputs, up to bf16 rounding on GPU")
     p.add_argument("--demo", action="store_true", help="run a bundled phantom case with the demo checkpoint")
     return p
 
@@ -158,7 +159,7 @@ def load(checkpoint: str | Path, base_model: str | None, args: argparse.Namespac
     transformers.utils.logging.disable_progress_bar()
     start = time.perf_counter()
     print(f"loading {checkpoint} …", file=sys.stderr)
-    decode = DecodeSettings(loop="static", reuse_image_features=True) if args.fast else None
+    decode = DecodeSettings.fast() if args.fast else None
     pipe = OmniAbnormPipeline.from_checkpoint(checkpoint, base_model, device=args.device, decode=decode,
                                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     print(f"loaded in {time.perf_counter() - start:.1f} s on {pipe.device}", file=sys.stderr)

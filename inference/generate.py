@@ -29,7 +29,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from dataset.conversation import Turn, encode
 from dataset.vision import VisionPreprocessor
 from inference.decoding import StaticDecoder
-from model.omniabnorm import OmniAbnormCT
+from model.omniabnorm import OmniAbnormCT, merge_lora
 
 
 @dataclass
@@ -55,11 +55,17 @@ class DecodeSettings:
 
     loop: str = "transformers"  # transformers: model.generate, dynamic KV cache | static: inference.decoding
     cuda_graphs: bool = True  # static loop on CUDA: each decode step replayed as a CUDA graph
+    merge_lora: bool = False  # add the LoRA updates into the base weights once (changes the model in place)
     reuse_image_features: bool = False  # run the vision tower once per distinct image, not once per forward
 
     def __post_init__(self) -> None:
         if self.loop not in ("transformers", "static"):
             raise ValueError(f"loop must be transformers or static, got {self.loop!r}")
+
+    @classmethod
+    def fast(cls) -> DecodeSettings:
+        """What `--fast` means on inference.py, app.py and evaluation.sh: every fast path on."""
+        return cls(loop="static", cuda_graphs=True, merge_lora=True, reuse_image_features=True)
 
 
 @dataclass
@@ -89,6 +95,8 @@ class Generator:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         self.static = StaticDecoder(model.vlm, self.eos_id, self.settings.cuda_graphs) \
             if self.settings.loop == "static" else None
+        if self.settings.merge_lora:
+            merge_lora(model.vlm)
 
     def encode(self, prompt: Prompt) -> EncodedPrompt:
         return self.encode_all([prompt])[0]

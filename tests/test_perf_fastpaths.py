@@ -17,8 +17,8 @@ from inference.cases import Case
 from inference.generate import DecodeSettings, Generator, Prompt
 from inference.pipeline import OmniAbnormPipeline
 from model.losses import linear_cross_entropy, shifted_cross_entropy
-from model.omniabnorm import VARLEN_ATTENTION, build_model, set_vision_attention, varlen_attention
-from model.tiny import tiny_model_config
+from model.omniabnorm import VARLEN_ATTENTION, build_model, lora_layers, set_vision_attention, varlen_attention
+from model.tiny import build_tiny, tiny_model_config
 from model.trainable_rows import LinearWithTrainableRows
 
 
@@ -149,6 +149,23 @@ def test_static_loop_gives_the_tokens_and_scores_of_generate(tiny):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="loop"):
         DecodeSettings(loop="compiled")
+
+
+def test_merged_lora_gives_the_scores_of_the_adapters(tmp_path):
+    """`merge_lora` adds B·A·scale into the base weights: every step's scores stay those of the unmerged model (a
+    model of its own: merging changes it in place)."""
+    model, tokenizer, image_processor, _ = build_tiny(tmp_path, seed=3)
+    for layer in lora_layers(model.vlm):  # peft starts B at zero: give the adapters something to merge
+        for b in layer.lora_B.values():
+            torch.nn.init.normal_(b.weight, std=0.2)
+    tiny = (model, tokenizer, image_processor, None)
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    plain, merged = StopAt(eos, []), StopAt(eos, [])
+    tokens = _greedy(tiny, DecodeSettings(), processor=plain)
+    assert _greedy(tiny, DecodeSettings.fast(), processor=merged) == tokens
+    assert all(layer.merged for layer in lora_layers(model.vlm))
+    for ours, theirs in zip(merged.scores, plain.scores, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
 class StopAt(LogitsProcessor):
