@@ -78,7 +78,7 @@ class StaticDecoder:
         ids = torch.cat([input_ids, input_ids.new_zeros(batch, max_new_tokens)], dim=1)  # (B, L + max_new)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         flag = torch.zeros((), dtype=torch.bool, pin_memory=device.type == "cuda")
-        pending = None  # (event, step) of the latest finished-flag copy not yet read
+        pending = None  # CUDA event after the latest finished-flag copy, not yet read
         steps = max_new_tokens
         for t in range(max_new_tokens):
             if logits_processor is not None:
