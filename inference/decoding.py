@@ -77,8 +77,9 @@ class StaticDecoder:
         state.positions.copy_(positions[:, :, -1:] + 1)  # the last prompt token is real (left padding)
         ids = torch.cat([input_ids, input_ids.new_zeros(batch, max_new_tokens)], dim=1)  # (B, L + max_new)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        flag = torch.zeros((), dtype=torch.bool, pin_memory=device.type == "cuda")
-        pending = None  # CUDA event after the latest finished-flag copy, not yet read
+        on_cuda = device.type == "cuda"
+        flag = torch.zeros((), dtype=torch.bool, pin_memory=on_cuda)  # CUDA: `finished.all()` of the step before
+        pending = None  # CUDA event after that flag's copy
         steps = max_new_tokens
         for t in range(max_new_tokens):
             if logits_processor is not None:
@@ -88,16 +89,17 @@ class StaticDecoder:
             finished |= token == self.eos_id
             if t == max_new_tokens - 1:
                 break
-            if pending is not None:  # the previous step's flag: ready, since this step's inputs came after it
-                pending.synchronize()
-                if bool(flag):
-                    steps = t + 1
-                    break
-            flag.copy_(finished.all(), non_blocking=True)
-            pending = torch.cuda.Event() if device.type == "cuda" else None
-            if pending is not None:
+            if not on_cuda:
+                done = bool(finished.all())
+            else:  # the previous step's flag: ready, since this step's inputs came after it
+                done = False
+                if pending is not None:
+                    pending.synchronize()
+                    done = bool(flag)
+                flag.copy_(finished.all(), non_blocking=True)
+                pending = torch.cuda.Event()
                 pending.record()
-            elif bool(flag):  # CPU: the copy is already done
+            if done:
                 steps = t + 1
                 break
             state.token.copy_(token[:, None])

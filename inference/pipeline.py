@@ -135,25 +135,23 @@ class OmniAbnormPipeline:
         ids = list(ids) if ids is not None else case_ids(cases)
         if len(ids) != len(cases):
             raise ValueError(f"{len(ids)} ids for {len(cases)} cases")
-        starts = range(0, len(cases), self.batch_size)
         with ThreadPoolExecutor(CPU_WORKERS) as pool:
-            def read(start: int) -> list[Future]:
+            def read(start: int) -> list[Future]:  # an empty list past the end
                 return [pool.submit(prepare, case, self.seg_size, self.seg_slices)
                         for case in cases[start:start + self.batch_size]]
 
-            pending = read(0) if cases else []
-            for start in starts:
+            pending = read(0)
+            for start in range(0, len(cases), self.batch_size):
                 began = time.perf_counter()
                 prepared = [future.result() for future in pending]
-                pending = read(start + self.batch_size) if start + self.batch_size < len(cases) else []
+                pending = read(start + self.batch_size)
                 yield from self.run_batch(prepared, ids[start:start + self.batch_size], pool, began)
 
-    def run_batch(self, prepared: Sequence[PreparedCase], ids: Sequence[str], pool: Executor | None = None,
-                  began: float | None = None) -> list[Report]:
+    def run_batch(self, prepared: Sequence[PreparedCase], ids: Sequence[str], pool: Executor, began: float
+                  ) -> list[Report]:
         """One generation batch of prepared cases: round 1 for all, segmentation for rows that emitted `<SEG>`,
         round 2 for the two-round flows. `began`: when the batch started (its reports' batch_seconds count from
         there)."""
-        start = time.perf_counter() if began is None else began
         first = self.generator.generate(
             self.generator.encode_all([Prompt([Turn("user", p.instruction, images=1)], [p.vlm_image])
                                        for p in prepared], pool),
@@ -197,7 +195,7 @@ class OmniAbnormPipeline:
         second = dict(zip(second_rows, self.generator.generate(self.generator.encode_all(second_prompts, pool),
                                                                self.max_new_tokens))) if second_prompts else {}
 
-        elapsed = time.perf_counter() - start
+        elapsed = time.perf_counter() - began
         timing = {"batch_cases": len(prepared), "batch_seconds": round(elapsed, 4), "device": str(self.device)}
         return [self._report(p, case_id, first[i], second.get(i), findings[i], timing)
                 for i, (p, case_id) in enumerate(zip(prepared, ids))]
