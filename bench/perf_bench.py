@@ -23,7 +23,8 @@ Sections, and what "stock" and "ours" are in each:
 - train: the released recipe (LoRA r 32 / α 16 on q/v, `<SEG>` rows, segmentation module, AdamW, clip 0.3, bf16
   autocast) on the five released tasks in turn. stock: HF style — micro-batch 1 × 4 accumulation, gradient
   checkpointing, full embedding and output head trained (as the release did), full-vocabulary logits, SDPA vision
-  loop; ours: micro-batch `train_micro` (halved on out-of-memory), no checkpointing, `model.linear_ce`, varlen vision.
+  loop; ours: micro-batch `train_micro` (halved on out-of-memory), no checkpointing, `model.linear_ce`, varlen vision;
+  then ours again with `model.packed_sequences` (padding dropped; in the checks, as `*_ours_packed`).
   Model-FLOP utilisation = (6 · N_llm · LLM tokens + 2 · N_vision · image patches) / (time · 989 TFLOP/s), N_llm the
   language-model and output-head parameters without the input embedding, tokens counted without padding, the
   frozen vision tower forward only, attention and segmentation-module FLOPs not counted; 989 TFLOP/s is the H100
@@ -67,7 +68,7 @@ from inference.cases import Case
 from inference.generate import DecodeSettings, Generator, Prompt
 from inference.pipeline import OmniAbnormPipeline
 from model import losses
-from model.omniabnorm import OmniAbnormCT, lora_layers, set_vision_attention, varlen_attn
+from model.omniabnorm import OmniAbnormCT, lora_layers, set_packed_sequences, set_vision_attention, varlen_attn
 from training.config import RELEASED_QUOTAS
 from utils.atomic import write_text_atomic
 
@@ -432,17 +433,25 @@ def bench_train(model: OmniAbnormCT, tokenizer, image_processor, scale: Scale, d
     if profile is not None:
         profile_training(model, batches(samples, micro, warmup, 1, pad, device), device,
                          profile / "train_steps.txt")
-    checks = {"train_micro_batch_ours": micro, "liger_kernel": losses.LigerFusedLinearCrossEntropyLoss is not None}
-    # One batch: the CE of the fast path (Liger on CUDA when installed) against full logits.
+    set_packed_sequences(model, True)
+    packed = time_training(model, batches(samples, micro, warmup + scale.train_steps, 1, pad, device), warmup,
+                           device)
+    checks = {"train_micro_batch_ours": micro, "liger_kernel": losses.LigerFusedLinearCrossEntropyLoss is not None,
+              "train_samples_per_s_ours_packed": packed["samples_per_s"], "train_mfu_pct_ours_packed": packed["mfu_pct"]}
+    # One batch: the loss of the packed row against the padded batch, and the CE of the fast path (Liger on CUDA
+    # when installed) against full logits.
     batch = batches(samples, micro, 1, 1, pad, device)[0][0]
     with torch.no_grad(), (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                            else contextlib.nullcontext()):
         model.eval()
-        fast = model(**batch).ce_loss
+        packed_loss = model(**batch).loss
+        set_packed_sequences(model, False)
+        fast = model(**batch)
         model.config.linear_ce = False
         plain = model(**batch).ce_loss
         model.train()
-    checks["linear_ce_abs_diff"] = float((fast - plain).abs())
+    checks["packed_loss_abs_diff"] = float((packed_loss - fast.loss).abs())
+    checks["linear_ce_abs_diff"] = float((fast.ce_loss - plain).abs())
 
     set_vision_attention(vlm, "sdpa")
     vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -450,7 +459,7 @@ def bench_train(model: OmniAbnormCT, tokenizer, image_processor, scale: Scale, d
         layer.weight.data = layer.weight.data.float()
         layer.weight.requires_grad_(True)
     stock = time_training(model, batches(samples, 1, warmup + scale.train_steps, 4, pad, device), warmup, device)
-    checks["train_padding_pct_ours"] = ours["padding_pct"]  # what padding-free packing would save
+    checks["train_padding_pct_ours"] = ours["padding_pct"]  # token slots the packed run does not spend
     rows = {"train_samples_per_s": {"stock": stock["samples_per_s"], "ours": ours["samples_per_s"]},
             "train_mfu_pct": {"stock": stock["mfu_pct"], "ours": ours["mfu_pct"]},
             "train_peak_memory_gb": {"stock": stock["peak_gb"], "ours": ours["peak_gb"]}}

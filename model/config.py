@@ -126,6 +126,9 @@ class ModelConfig:
     # vision_attention: sdpa (transformers' default: one attention call per 112-px window per image per layer) or
     # varlen (one variable-length attention call per layer for all windows of all images).
     vision_attention: str = "sdpa"
+    # packed_sequences: training forwards drop the padding and run the batch's samples as one row, each attending
+    # within itself only (one variable-length attention call per layer), so no token slot is spent on padding.
+    packed_sequences: bool = False
 
     def validate(self) -> None:
         if self.dtype not in ("bfloat16", "float32", "float16"):

@@ -8,6 +8,7 @@ stack. Training loss = w_ce·CE(assistant tokens) + w_dice·Dice + w_bce·BCE ov
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import re
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 from transformers import AttentionInterface, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from model.config import ConfigError, ModelConfig
@@ -62,6 +65,51 @@ def gather_seg_queries(hidden: Tensor, input_ids: Tensor, seg_token_id: int) -> 
     return queries, query_mask
 
 
+_VARLEN_PARAMS = frozenset(inspect.signature(varlen_attn).parameters) if varlen_attn is not None else frozenset()
+
+
+def _causal_kernel_kwargs() -> dict | None:
+    """How this torch's varlen kernel is told to be causal (torch ≥ 2.10: a (-1, 0) window; before: is_causal), or
+    None when it cannot be."""
+    if "window_size" in _VARLEN_PARAMS:
+        return {"window_size": (-1, 0)}
+    return {"is_causal": True} if "is_causal" in _VARLEN_PARAMS else None
+
+
+def attention_within_sequences(query: Tensor, key: Tensor, value: Tensor, cu_seq_lens: Tensor, longest: int,
+                               scaling: float, causal: bool) -> Tensor:
+    """Attention of packed sequences, each within itself: sequence s spans tokens cu_seq_lens[s]:cu_seq_lens[s + 1].
+
+    query (1, Hq, T, d), key and value (1, Hkv, T, d) with Hq a multiple of Hkv (grouped-query attention) →
+    (1, T, Hq, d), the layout of transformers' attention functions. CUDA in fp16/bf16 at the default scale: torch's
+    FlashAttention varlen kernel. Otherwise: the sequences padded to the longest and one SDPA call with a key-padding
+    (and causal) mask.
+    """
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, heads, d)
+    if k.shape[1] != q.shape[1]:  # each KV head serves a group of query heads
+        k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
+    kernel_kwargs = _causal_kernel_kwargs() if causal else {}
+    if (varlen_attn is not None and kernel_kwargs is not None and q.is_cuda
+            and q.dtype in (torch.float16, torch.bfloat16) and math.isclose(scaling, q.shape[-1] ** -0.5)):
+        cu = cu_seq_lens.to(torch.int32)
+        q, k, v = (x.contiguous() for x in (q, k, v))
+        return varlen_attn(q, k, v, cu, cu, longest, longest, **kernel_kwargs)[None]
+    lengths = cu_seq_lens.diff()
+    n = lengths.numel()
+    seq = torch.repeat_interleave(torch.arange(n, device=q.device), lengths)  # (T,) sequence of each token
+    pos = torch.arange(q.shape[0], device=q.device) - cu_seq_lens[:-1].long()[seq]  # (T,) place within its sequence
+
+    def padded(x: Tensor) -> Tensor:  # (T, heads, d) → (n, heads, longest, d)
+        return x.new_zeros(n, longest, *x.shape[1:]).index_put((seq, pos), x).transpose(1, 2)
+
+    slots = torch.arange(longest, device=q.device)
+    allowed = (slots[None, :] < lengths[:, None])[:, None, :]  # (n, 1, longest) keys that exist
+    if causal:
+        allowed = allowed & (slots[None, :] <= slots[:, None])[None]  # (n, longest, longest) and not in the future
+    out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=allowed[:, None], scale=scaling)
+    return out.transpose(1, 2)[seq, pos][None]
+
+
 # "flash" in the name sends transformers' Qwen2.5-VL vision attention down its packed branch (cu_seqlens of all
 # windows or images in one call) instead of its loop of one SDPA call per window.
 VARLEN_ATTENTION = "omniabnorm_flash_varlen"
@@ -70,44 +118,46 @@ VARLEN_ATTENTION = "omniabnorm_flash_varlen"
 def varlen_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
                      scaling: float, dropout: float = 0.0, cu_seq_lens_q: Tensor | None = None,
                      max_length_q: int | None = None, is_causal: bool = False, **kwargs) -> tuple[Tensor, None]:
-    """Non-causal attention within each packed sequence, all sequences in one call.
-
-    query, key, value (1, heads, T, head_dim); sequence s spans tokens cu_seq_lens_q[s]:cu_seq_lens_q[s + 1]
-    (queries and keys alike) → ((1, T, heads, head_dim), None), the layout of transformers' attention functions.
-    CUDA in fp16/bf16: torch's FlashAttention varlen kernel. Otherwise: the sequences padded to the longest and one
-    SDPA call with a key-padding mask.
-    """
+    """Qwen2.5-VL's vision attention: non-causal, within each window or image of the packed patches, all in one
+    call (`attention_within_sequences`)."""
     if dropout or is_causal or attention_mask is not None:
         raise ValueError("varlen_attention is non-causal, unmasked and without dropout: Qwen2.5-VL's vision attention")
-    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, heads, head_dim)
-    cu = cu_seq_lens_q
-    lengths = cu.diff()
-    longest = int(max_length_q) if max_length_q is not None else int(lengths.max())
-    if (varlen_attn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-            and math.isclose(scaling, q.shape[-1] ** -0.5)):  # the kernel's default scale
-        cu = cu.to(torch.int32)
-        q, k, v = (x.contiguous() for x in (q, k, v))
-        return varlen_attn(q, k, v, cu, cu, longest, longest)[None], None
-    n = lengths.numel()
-    seq = torch.repeat_interleave(torch.arange(n, device=q.device), lengths)  # (T,) sequence of each token
-    pos = torch.arange(q.shape[0], device=q.device) - cu[:-1].long()[seq]  # (T,) place within its sequence
-
-    def padded(x: Tensor) -> Tensor:  # (T, heads, d) → (n, heads, longest, d)
-        return x.new_zeros(n, longest, *x.shape[1:]).index_put((seq, pos), x).transpose(1, 2)
-
-    keys_valid = torch.arange(longest, device=q.device)[None, :] < lengths[:, None]  # (n, longest)
-    out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=keys_valid[:, None, None, :],
-                                         scale=scaling)
-    return out.transpose(1, 2)[seq, pos][None], None
+    longest = int(max_length_q) if max_length_q is not None else int(cu_seq_lens_q.diff().max())
+    return attention_within_sequences(query, key, value, cu_seq_lens_q, longest, scaling, causal=False), None
 
 
 AttentionInterface.register(VARLEN_ATTENTION, varlen_attention)
+
+# The language model's attention under `model.packed_sequences`: causal within each packed sample when the forward
+# passes `cu_seq_lens_q` (the packed training forward), transformers' SDPA with its usual masks otherwise.
+PACKED_ATTENTION = "omniabnorm_packed"
+
+
+def packed_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                     scaling: float, dropout: float = 0.0, cu_seq_lens_q: Tensor | None = None,
+                     max_length_q: int | None = None, **kwargs) -> tuple[Tensor, None]:
+    if cu_seq_lens_q is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    if dropout or attention_mask is not None:
+        raise ValueError("packed sequences take no attention mask and no attention dropout")
+    return attention_within_sequences(query, key, value, cu_seq_lens_q, int(max_length_q), scaling, causal=True), None
+
+
+AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
 
 
 def set_vision_attention(vlm: Qwen2_5_VLForConditionalGeneration, kind: str) -> None:
     """Vision tower attention: "sdpa" (transformers' loop over windows) or "varlen" (`varlen_attention`). The
     language model keeps its own implementation."""
     vlm.model.visual.config._attn_implementation = VARLEN_ATTENTION if kind == "varlen" else "sdpa"
+
+
+def set_packed_sequences(model: OmniAbnormCT, packed: bool) -> None:
+    """Training forwards with padding dropped (`config.packed_sequences`) or padded; inference is padded either way."""
+    model.config.packed_sequences = packed
+    model.vlm.model.language_model.config._attn_implementation = PACKED_ATTENTION if packed else "sdpa"
 
 
 class OmniAbnormCT(nn.Module):
@@ -120,6 +170,8 @@ class OmniAbnormCT(nn.Module):
         self.config = config
         if config.vision_attention == "varlen":
             set_vision_attention(vlm, "varlen")
+        if config.packed_sequences:
+            set_packed_sequences(self, True)
 
     def forward(
         self,
@@ -133,11 +185,7 @@ class OmniAbnormCT(nn.Module):
         seg_masks: Tensor | None = None,  # (B, N, H, W) binary targets, one per <SEG> in order
         seg_target_mask: Tensor | None = None,  # (B, N) bool: which target slots are real
     ) -> OmniAbnormOutput:
-        out = self.vlm.model(
-            input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-            image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids, use_cache=False,
-        )
-        hidden = out.last_hidden_state  # after the final RMSNorm
+        hidden = self.hidden_states(input_ids, attention_mask, mm_token_type_ids, pixel_values, image_grid_thw)
         zero = hidden.new_zeros((), dtype=torch.float32)
         if self.config.linear_ce and labels is not None:
             logits, ce = None, linear_cross_entropy(hidden, self.vlm.lm_head, labels)
@@ -157,6 +205,36 @@ class OmniAbnormCT(nn.Module):
         w = self.config.loss
         total = w.ce * ce + w.dice * dice + w.bce * bce
         return OmniAbnormOutput(total, ce.detach(), dice.detach(), bce.detach(), logits, mask_logits, query_mask)
+
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor, mm_token_type_ids: Tensor,
+                      pixel_values: Tensor | None, image_grid_thw: Tensor | None) -> Tensor:
+        """(B, L, D) last-layer hidden states after the final norm (zeros at padding when packed).
+
+        With `config.packed_sequences` the padding is dropped: the B samples run as one row of T = Σ lengths tokens,
+        each attending within itself (cu_seq_lens), with the 3D rope positions it has in the padded batch.
+        """
+        if not self.config.packed_sequences:
+            return self.vlm.model(
+                input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids, use_cache=False,
+            ).last_hidden_state
+        keep = attention_mask.bool()  # (B, L)
+        positions, _ = self.vlm.model.get_rope_index(input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw,
+                                                     attention_mask=attention_mask)  # (3, B, L)
+        lengths = keep.sum(dim=1)
+        cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)  # (B + 1,)
+        longest = int(lengths.max())
+        # The vision tower runs on its own first: the packing arguments below are for the language model only.
+        images = None if pixel_values is None else {
+            "image": self.vlm.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)}
+        packed = self.vlm.model(
+            input_ids=input_ids[keep][None], position_ids=positions[:, keep][:, None],
+            mm_token_type_ids=mm_token_type_ids[keep][None], mm_encoder_outputs=images, use_cache=False,
+            cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest,
+        ).last_hidden_state  # (1, T, D)
+        hidden = packed.new_zeros(*input_ids.shape, packed.shape[-1])
+        hidden[keep] = packed[0]
+        return hidden
 
     @torch.no_grad()
     def seg_queries(

@@ -45,6 +45,7 @@ def test_tiny_run_end_to_end(tmp_path, capsys):
             assert measured["ratio"] == pytest.approx(measured["ours"] / measured["stock"])
     checks = data["checks"]
     assert checks["vision_max_abs_diff"] < 1e-4 and checks["linear_ce_abs_diff"] < 1e-4
+    assert checks["packed_loss_abs_diff"] < 1e-4 and checks["train_samples_per_s_ours_packed"] > 0
     assert checks["decode_greedy_tokens_equal"] and checks["grounded_reports_equal"]
 
     assert main(["--tiny", "--only", "data", "--out", str(out)]) == 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -16,8 +18,18 @@ from dataset.prompts import GROUNDED_REPORT_EVAL
 from inference.cases import Case
 from inference.generate import DecodeSettings, Generator, Prompt
 from inference.pipeline import OmniAbnormPipeline
+from model import omniabnorm
 from model.losses import linear_cross_entropy, shifted_cross_entropy
-from model.omniabnorm import VARLEN_ATTENTION, build_model, lora_layers, set_vision_attention, varlen_attention
+from model.omniabnorm import (
+    PACKED_ATTENTION,
+    VARLEN_ATTENTION,
+    OmniAbnormCT,
+    attention_within_sequences,
+    build_model,
+    lora_layers,
+    set_vision_attention,
+    varlen_attention,
+)
 from model.tiny import build_tiny, tiny_model_config
 from model.trainable_rows import LinearWithTrainableRows
 
@@ -79,6 +91,60 @@ def test_linear_cross_entropy_in_chunks_and_without_labels():
     empty.backward()
     assert empty.item() == 0.0
     assert head.trainable_rows.grad is not None and not head.trainable_rows.grad.any()  # present, zero (DDP)
+
+
+# ------------------------------------------------------------------------------------------ packed sequences
+
+def test_packed_sequences_give_the_padded_losses_and_gradients(tiny, make_batch, monkeypatch):
+    """Three samples of different lengths: the packed row (padding dropped, causal attention within each sample) gives
+    the padded batch's logits, losses, masks and gradients."""
+    model, tokenizer, image_processor, cfg = tiny
+    batch = make_batch(tokenizer, image_processor, seg_counts=[0, 1, 3])
+    lengths = batch["attention_mask"].sum(dim=1)
+    assert lengths.unique().numel() == 3  # padding to drop
+    plain = model(**batch)
+    plain.loss.backward()
+    expected = trainable_grads(model)
+    model.zero_grad(set_to_none=True)
+
+    calls = []
+
+    def spy(query, key, value, cu_seq_lens, longest, scaling, causal):
+        calls.append((query.shape[2], cu_seq_lens.tolist(), causal))
+        return attention_within_sequences(query, key, value, cu_seq_lens, longest, scaling, causal)
+
+    monkeypatch.setattr(omniabnorm, "attention_within_sequences", spy)
+    packed_model = OmniAbnormCT(model.vlm, model.seg_module, model.seg_token_id,
+                                dataclasses.replace(cfg, packed_sequences=True))
+    assert model.vlm.model.language_model.config._attn_implementation == PACKED_ATTENTION
+    packed = packed_model(**batch)
+    packed.loss.backward()
+    cu = [0, *lengths.cumsum(0).tolist()]
+    lm_calls = [c for c in calls if c[2]]
+    assert len(lm_calls) == model.vlm.config.text_config.num_hidden_layers
+    assert all(c == (cu[-1], cu, True) for c in lm_calls)  # one row of Σ lengths tokens, split per sample
+
+    keep = batch["attention_mask"].bool()
+    torch.testing.assert_close(packed.logits[keep], plain.logits[keep], rtol=1e-5, atol=1e-5)
+    for name in ("loss", "ce_loss", "dice_loss", "bce_loss", "mask_logits"):
+        torch.testing.assert_close(getattr(packed, name), getattr(plain, name), rtol=1e-5, atol=1e-6, msg=name)
+    got = trainable_grads(model)
+    assert got.keys() == expected.keys()
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_attention_within_sequences_is_causal_per_sequence_with_grouped_heads():
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 5, 6, 13], dtype=torch.int32)
+    q = torch.randn(1, 4, 13, 8)
+    k, v = torch.randn(1, 2, 13, 8), torch.randn(1, 2, 13, 8)  # 2 KV heads, each serving 2 query heads
+    out = attention_within_sequences(q, k, v, cu, 7, scaling=0.35, causal=True)
+    assert out.shape == (1, 13, 4, 8)
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        expected = F.scaled_dot_product_attention(q[..., s:e, :], k[..., s:e, :], v[..., s:e, :], scale=0.35,
+                                                  is_causal=True, enable_gqa=True)
+        torch.testing.assert_close(out[0, s:e], expected[0].transpose(0, 1), rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------- varlen vision attention
