@@ -48,12 +48,14 @@ TINY_SEG = SegModuleConfig(
 
 
 LM_HEAD_SCALE = 10.0  # see write_tiny_base
-# Qwen's rope theta (1e6) on 16-dim heads: multimodal rope gives the image-height and -width sections the lowest of the
-# 8 frequencies (≤ 0.03 and ≤ 2e-4 rad per patch), so attention from text to image tokens could not tell left from
-# right (a liver lesion from a splenic one). The 7B model has 64 frequencies per head and a pretrained vision tower
-# that writes position into its features; the tiny one needs a small theta for its h / w sections to turn (0.13–0.56
-# rad per patch).
-TINY_ROPE_THETA = 10.0
+# Attention heads of 32 dims in both towers (the 7B model's are 128 and 80). Language model: Qwen's rope theta (1e6);
+# multimodal rope turns text and image positions together only in the lowest frequencies (the height and width
+# sections), and text-to-image attention that must not depend on how far a word is from the image needs those nearly
+# still: with theta 10 or 1e4 every frequency turns and the reports stopped reading the image (docs/training.md).
+# Vision tower: it has no absolute position, so a patch learns where it sits in the body from its neighbours, which
+# its 2D rope resolves with 4 frequencies per axis at 32 dims (1 to 0.001 rad per patch; 16 dims give 2), and with
+# attention over the whole image in both blocks.
+TINY_ROPE_THETA = 1e6
 
 
 def _train_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
@@ -71,19 +73,19 @@ def _train_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
 
 
 def tiny_vlm_config(tokenizer) -> Qwen2_5_VLConfig:
-    """Hidden 64, 2 layers, 4 heads / 2 KV (head_dim 16, mrope 2+3+3 = 8), vision depth 2 width 32."""
+    """Hidden 64, 2 layers, 2 heads / 1 KV (head_dim 32, mrope 4+6+6 = 16), vision depth 2 width 32 with 1 head."""
     ids = tokenizer.convert_tokens_to_ids
     vocab = -(-len(tokenizer) // 64) * 64  # padded like Qwen's 152064
     return Qwen2_5_VLConfig(
         text_config=dict(
-            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,
-            rope_parameters={"rope_type": "default", "rope_theta": TINY_ROPE_THETA, "mrope_section": [2, 3, 3]},
+            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": TINY_ROPE_THETA, "mrope_section": [4, 6, 6]},
             bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
         ),
         vision_config=dict(
-            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
-            spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1],
+            depth=2, hidden_size=32, intermediate_size=64, num_heads=1, out_hidden_size=64, patch_size=14,
+            spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[0, 1],
             tokens_per_second=2,
         ),
         image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),

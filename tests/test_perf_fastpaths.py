@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList, Qwen2_5_VLForConditionalGeneration
 
 from bench.perf_bench import ScriptedGenerator, report_script
 from dataset.conversation import Turn
@@ -30,7 +30,7 @@ from model.omniabnorm import (
     set_vision_attention,
     varlen_attention,
 )
-from model.tiny import build_tiny, tiny_model_config
+from model.tiny import build_tiny, tiny_model_config, tiny_vlm_config
 from model.trainable_rows import LinearWithTrainableRows
 
 
@@ -162,8 +162,12 @@ def test_varlen_attention_equals_attention_per_sequence():
 
 def test_varlen_vision_tower_equals_the_window_loop(tiny, tiny_base):
     """Two images of different sizes, several 112-px windows each: features and gradients match transformers'
-    per-window SDPA loop."""
-    vlm = tiny[0].vlm
+    per-window SDPA loop. (The tiny base attends over the whole image in both blocks; here block 0 attends within
+    windows, as 28 of the 7B tower's 32 blocks do.)"""
+    config = tiny_vlm_config(tiny[1])
+    config.vision_config.fullatt_block_indexes = [1]
+    torch.manual_seed(0)
+    vlm = Qwen2_5_VLForConditionalGeneration(config)
     assert vlm.model.visual.config._attn_implementation == "sdpa"  # the default is transformers' own path
     grid = torch.tensor([[1, 16, 16], [1, 12, 20]])
     pixels = torch.randn(int(grid.prod(dim=1).sum()), 1176, generator=torch.Generator().manual_seed(0))

@@ -35,7 +35,8 @@ def test_released_recipe():
 
 def test_overrides_are_typed_and_dotted():
     cfg = load_config(REPO / "configs/phantom_tiny.yaml", [
-        "output_dir=runs/x", "max_steps=6", "resume_from=runs/y", "model.lora.r=8", "data.tasks.grounding=5",
+        "output_dir=runs/x", "max_steps=6", "resume_from=runs/y", "model.train_language_model=false",
+        "model.lora={r: 4, alpha: 8}", "model.lora.r=8", "data.tasks.grounding=5",
         "optim.betas=[0.8, 0.9]", "data.phantom=null", "data.root=data/x", "eval_every=0"])
     assert (cfg.output_dir, cfg.max_steps, cfg.resume_from) == ("runs/x", 6, "runs/y")
     assert cfg.model.lora.r == 8 and cfg.data.tasks["grounding"] == 5 and cfg.optim.betas == (0.8, 0.9)
@@ -45,7 +46,7 @@ def test_overrides_are_typed_and_dotted():
 
 @pytest.mark.parametrize("overrides, message", [
     (["max_step=5"], "unknown key(s) in config: max_step"),
-    (["model.lora.rank=4"], "unknown key(s) in config.model.lora: rank"),
+    (["model.lora={rank: 4}"], "unknown key(s) in config.model.lora: rank"),
     (["max_steps=six"], "config.max_steps must be int, got 'six'"),
     (["optim.lr=1e-3"], "config.optim.lr must be float, got '1e-3'"),  # YAML 1.1: 1e-3 is a string, 1.0e-3 a float
     (["parallel=zero3"], "parallel must be ddp or fsdp"),
@@ -53,7 +54,7 @@ def test_overrides_are_typed_and_dotted():
     (["data.tasks.segmentation=5"], "unknown task 'segmentation'"),
     (["data.tasks={grounding: 0}"], "at least one task needs a quota > 0"),
     (["data.phantom=null"], "data.root is empty"),
-    (["model.train_language_model=true"], "set model.lora: null"),
+    (["model.lora={r: 4}"], "set model.lora: null"),  # the phantom config trains the whole language model
     (["micro_batch_size=0"], "micro_batch_size must be ≥ 1"),
     (["optim.warmup_ratio=1.5"], "optim.warmup_ratio must be in [0, 1)"),
     (["init_from=a", "resume_from=b"], "not both"),

@@ -19,9 +19,11 @@ from training.config import load_config
 from training.loop import train
 from training.observe import read_metrics
 
-# 2 tasks (one segmenting, one text-only), a 16-case phantom at 64 px, 2 samples per step.
+# 2 tasks (one segmenting, one text-only), a 16-case phantom at 64 px, 2 samples per step, and LoRA as in the released
+# recipe (the shipped phantom config trains the whole tiny model; test_full_language_model_training_... does that).
 SMALL = ["data.phantom.n=16", "data.tasks={grounding: 4, visual_prompt: 4}", "micro_batch_size=2", "log_every=100",
-         "eval_every=0", "save_every=100"]
+         "eval_every=0", "save_every=100", "model.train_language_model=false",
+         "model.lora={r: 8, alpha: 16, dropout: 0.0, target_modules: [q_proj, k_proj, v_proj, o_proj]}"]
 
 
 def run_in_process(out, *overrides):
@@ -146,9 +148,11 @@ def test_fsdp2_matches_ddp_and_resumes(ddp_run, tmp_path):
     fsdp, ddp = losses(out), losses(ddp_run)
     assert sorted(fsdp) == [1, 2, 3, 4]
     assert [fsdp[s] for s in range(1, 5)] == pytest.approx([ddp[s] for s in range(1, 5)], abs=1e-6)
-    # The model/ export is written from the gathered shards and matches DDP's.
+    # The model/ export is written from the gathered shards and matches DDP's. Tolerance: the U-Net's conv biases
+    # feed an instance norm, so their true gradient is zero and AdamW turns the two reductions' float noise into
+    # updates of up to about 1e-4 after 4 steps; a rank that skipped the gradient average would be off by ~lr (3e-3).
     step = "checkpoints/step_000004/model"
     for name in ("vlm_trained.safetensors", "seg_module.safetensors"):
         a, b = load_file(out / step / name), load_file(ddp_run / step / name)
-        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), name
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=2e-4) for k in a), name
     assert load_checkpoint(out / step)
