@@ -22,8 +22,12 @@ def mode(path) -> int:
 def test_folder_and_file_get_the_umask_permissions(tmp_path, umask_027):
     with atomic_folder(tmp_path / "out") as tmp:
         (tmp / "a.txt").write_text("a")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "w.safetensors").write_bytes(b"x")
+        (tmp / "sub" / "w.safetensors").chmod(0o600)  # as safetensors' save_file leaves its files
     write_text_atomic(tmp_path / "b.json", "{}")
     assert mode(tmp_path / "out") == 0o750  # tempfile alone would give 0700
+    assert mode(tmp_path / "out" / "a.txt") == mode(tmp_path / "out" / "sub" / "w.safetensors") == 0o640
     assert mode(tmp_path / "b.json") == 0o640  # and 0600
     assert (tmp_path / "b.json").read_text() == "{}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json", "out"]

@@ -17,13 +17,18 @@ from pathlib import Path
 @contextmanager
 def atomic_folder(out: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary folder beside `out`; when the block succeeds it replaces `out` (an existing `out` is
-    moved aside first, then deleted); when the block raises, the temporary folder is removed and `out` is untouched."""
+    moved aside first, then deleted); when the block raises, the temporary folder is removed and `out` is untouched.
+    Files written in the block get the umask permissions too (safetensors' `save_file` writes 0600)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o777 & ~_umask())
+    mask = _umask()
+    tmp.chmod(0o777 & ~mask)
     try:
         yield tmp
+        for path in tmp.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                path.chmod(0o666 & ~mask)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / out.name)
