@@ -2,8 +2,12 @@
 
 Builds a phantom dataset at the real input size (512 × 512 slices), the tokenizer of the tiny base (same class and
 special tokens as Qwen's; BPE merges differ, tokenising is a small share of the cost) and the image processor at
-the real budget (512 × 512 pixels), then times `dataset[key]` — read slices and masks, window, 2.5D stack, MONAI
-augmentation, prompt drawing, image processor, chat encoding — on one thread.
+the real budget (512 × 512 pixels), then times on one thread, per sample:
+- prepare: what a DataLoader worker does with `data.finish_on: device` (the default): `dataset[key]` (read slices
+  and masks, window, 2.5D stack, prompt drawing, resize and patch order of the VLM images, chat encoding) and
+  `collate` of the sample;
+- finish: what `BatchFinisher` adds (pixel values, MONAI augmentation) when it runs on this CPU, as it does in the
+  workers with `data.finish_on: worker`; with `device` it runs on the GPU instead.
 
     python bench/data_bench.py [--n 24] [--size 512] [--repeats 2]
 """
@@ -23,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from transformers import AutoTokenizer
 
 from dataset.augment import SegAugment
+from dataset.collate import collate
+from dataset.finish import BatchFinisher
 from dataset.phantom import write_phantom
 from dataset.records import load_records
 from dataset.sampler import SampleKey
@@ -33,9 +39,10 @@ from model.tokenizer import add_seg_token
 
 
 def time_samples(n: int = 24, size: int = 512, repeats: int = 2, seg_size: int = 512,
-                 image_pixels: int = 512 * 512) -> dict[str, float]:
-    """Milliseconds of one thread per prepared sample, per record task (phantom of `n` cases of `size`² slices,
-    `repeats` passes over each task's items, after one warm-up sample). Leaves torch's thread count as it was."""
+                 image_pixels: int = 512 * 512) -> dict[str, dict[str, float]]:
+    """{task: {"prepare": ms, "finish": ms}}: milliseconds of one thread per sample, per record task (phantom of `n`
+    cases of `size`² slices, `repeats` passes over each task's items, after one warm-up sample). Leaves torch's
+    thread count as it was."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -45,17 +52,22 @@ def time_samples(n: int = 24, size: int = 512, repeats: int = 2, seg_size: int =
             tokenizer = AutoTokenizer.from_pretrained(base)
             add_seg_token(tokenizer)
             builder = SampleBuilder(tokenizer, build_image_processor(base, image_pixels), seg_size=seg_size,
-                                    augment=SegAugment())
+                                    augment=True)
+            finisher = BatchFinisher(builder.vision, SegAugment())
             records = load_records(root / "merged_train.json")
             result = {}
             for name, task_cls in RECORD_TASKS.items():
                 task = task_cls(records, builder, seed=0, train=True)
                 keys = [SampleKey(name, i, epoch) for epoch in range(repeats) for i in range(len(task))]
-                task[keys[0]]  # warm-up: imports, first-call allocations
+                finisher(collate([task[keys[0]]], tokenizer.pad_token_id), "cpu")  # warm-up: first-call costs
                 start = time.perf_counter()
-                for key in keys:
-                    task[key]
-                result[name] = (time.perf_counter() - start) * 1e3 / len(keys)
+                batches = [collate([task[key]], tokenizer.pad_token_id) for key in keys]
+                prepared = time.perf_counter()
+                for batch in batches:
+                    finisher(batch, "cpu")
+                finished = time.perf_counter()
+                result[name] = {"prepare": (prepared - start) * 1e3 / len(keys),
+                                "finish": (finished - prepared) * 1e3 / len(keys)}
             return result
     finally:
         torch.set_num_threads(threads)
@@ -68,9 +80,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="passes over each task's items")
     args = parser.parse_args()
     print(f"phantom of {args.n} cases of {args.size}×{args.size}, 1 thread, {args.repeats} pass(es)\n")
-    print(f"{'task':32s} {'ms/sample':>10s}")
+    print(f"{'task':32s} {'prepare ms':>11s} {'finish ms':>10s}   (finish: on the GPU with data.finish_on=device)")
     for name, ms in time_samples(args.n, args.size, args.repeats).items():
-        print(f"{name:32s} {ms:10.1f}")
+        print(f"{name:32s} {ms['prepare']:11.1f} {ms['finish']:10.1f}")
 
 
 if __name__ == "__main__":

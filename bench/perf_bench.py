@@ -59,11 +59,13 @@ from bench.perf_model import build
 from dataset.augment import SegAugment
 from dataset.collate import collate
 from dataset.conversation import Turn
+from dataset.finish import AUGMENT_SEED, BatchFinisher
 from dataset.phantom import write_phantom
 from dataset.prompts import GROUNDED_REPORT_EVAL
 from dataset.records import load_records
 from dataset.sampler import SampleKey
 from dataset.tasks import RECORD_TASKS, SampleBuilder
+from dataset.vision import VisionPreprocessor
 from inference.cases import Case
 from inference.generate import DecodeSettings, Generator, Prompt
 from inference.pipeline import OmniAbnormPipeline
@@ -294,7 +296,7 @@ def bench_grounded(model: OmniAbnormCT, tokenizer, image_processor, scale: Scale
 
 def training_samples(tokenizer, image_processor, model: OmniAbnormCT, phantom: Path, per_task: int) -> dict:
     """`per_task` prepared samples of each task the released recipe trains (equal quotas)."""
-    builder = SampleBuilder(tokenizer, image_processor, seg_size=model.config.seg.image_size, augment=SegAugment())
+    builder = SampleBuilder(tokenizer, image_processor, seg_size=model.config.seg.image_size, augment=True)
     records = load_records(phantom / "merged_train.json")
     samples = {}
     for name in (name for name, quota in RELEASED_QUOTAS.items() if quota > 0 and name in RECORD_TASKS):
@@ -312,9 +314,11 @@ def flop_counts(model: OmniAbnormCT) -> tuple[int, int]:
     return llm, sum(p.numel() for p in vlm.model.visual.parameters())
 
 
-def time_training(model: OmniAbnormCT, groups: list[list[dict]], warmup: int, device: torch.device) -> dict:
-    """Optimizer steps over `groups` (each: its micro-batches, gradients accumulated), the first `warmup` untimed
-    (one per task, so no timed step is the first with its shapes). Token counts are read before the clock starts: a
+def time_training(model: OmniAbnormCT, groups: list[list[dict]], warmup: int, device: torch.device,
+                  finisher: BatchFinisher) -> dict:
+    """Optimizer steps over `groups` (each: its collated micro-batches, gradients accumulated), the first `warmup`
+    untimed (one per task, so no timed step is the first with its shapes). Each step finishes its batches on the
+    device (pixel values, augmentation), as training/loop.py does. Token counts are read before the clock starts: a
     host read inside the loop would make the CPU wait for every micro-batch.
     → samples/s, MFU % (CUDA), peak memory GiB (CUDA), % of the LLM's token slots that are padding."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -336,7 +340,7 @@ def time_training(model: OmniAbnormCT, groups: list[list[dict]], warmup: int, de
             start = time.perf_counter()
         for batch in group:
             with autocast():
-                out = model(**batch)
+                out = model(**finisher(batch, device))
             (out.loss / len(group)).backward()
         torch.nn.utils.clip_grad_norm_(params, 0.3)
         optimizer.step()
@@ -364,7 +368,8 @@ def write_profile(prof, device: torch.device, path: Path) -> None:
     print(table, flush=True)
 
 
-def profile_training(model: OmniAbnormCT, groups: list[list[dict]], device: torch.device, path: Path) -> None:
+def profile_training(model: OmniAbnormCT, groups: list[list[dict]], device: torch.device, finisher: BatchFinisher,
+                     path: Path) -> None:
     """Forward and backward of `groups` (one per task) under torch.profiler → `path`, with the forward of the vision
     tower, language model and segmentation module as named ranges (backward runs on autograd's own thread, so its
     kernels show in the list but not under a range)."""
@@ -381,6 +386,8 @@ def profile_training(model: OmniAbnormCT, groups: list[list[dict]], device: torc
     params = [p for p in model.parameters() if p.requires_grad]
     with profiled(device) as prof:
         for batch in (batch for group in groups for batch in group):
+            with record_function("finish_batch"):
+                batch = finisher(batch, device)
             with record_function("forward"), (torch.autocast("cuda", dtype=torch.bfloat16)
                                               if device.type == "cuda" else contextlib.nullcontext()):
                 out = model(**batch)
@@ -396,12 +403,13 @@ def profile_training(model: OmniAbnormCT, groups: list[list[dict]], device: torc
 
 
 def batches(samples: dict, micro: int, steps: int, accumulation: int, pad_id: int, device: torch.device) -> list:
-    """`steps` optimizer-step groups of `accumulation` micro-batches of `micro` samples, tasks in turn."""
+    """`steps` optimizer-step groups of `accumulation` collated micro-batches of `micro` samples, tasks in turn,
+    already on the device (the augmentation seeds stay on the host, where the finisher reads them)."""
     names = list(samples)
     groups = []
     for step in range(steps):
         pool = samples[names[step % len(names)]]
-        groups.append([{k: v.to(device) for k, v in collate(pool[:micro], pad_id).items()}
+        groups.append([{k: v if k == AUGMENT_SEED else v.to(device) for k, v in collate(pool[:micro], pad_id).items()}
                        for _ in range(accumulation)])
     return groups
 
@@ -415,6 +423,7 @@ def bench_train(model: OmniAbnormCT, tokenizer, image_processor, scale: Scale, d
         if p.requires_grad:  # fp32 master weights, as training/loop.py keeps them
             p.data = p.data.float()
     samples = training_samples(tokenizer, image_processor, model, phantom, scale.train_micro)
+    finisher = BatchFinisher(VisionPreprocessor(image_processor), SegAugment())
     pad = tokenizer.pad_token_id
     model.config.linear_ce = True
     set_vision_attention(vlm, "varlen")
@@ -423,7 +432,7 @@ def bench_train(model: OmniAbnormCT, tokenizer, image_processor, scale: Scale, d
     while True:
         try:
             ours = time_training(model, batches(samples, micro, warmup + scale.train_steps, 1, pad, device), warmup,
-                                 device)
+                                 device, finisher)
             break
         except torch.OutOfMemoryError:
             if micro == 1:
@@ -431,16 +440,16 @@ def bench_train(model: OmniAbnormCT, tokenizer, image_processor, scale: Scale, d
             micro //= 2
             model.zero_grad(set_to_none=True)
     if profile is not None:
-        profile_training(model, batches(samples, micro, warmup, 1, pad, device), device,
+        profile_training(model, batches(samples, micro, warmup, 1, pad, device), device, finisher,
                          profile / "train_steps.txt")
     set_packed_sequences(model, True)
     packed = time_training(model, batches(samples, micro, warmup + scale.train_steps, 1, pad, device), warmup,
-                           device)
+                           device, finisher)
     checks = {"train_micro_batch_ours": micro, "liger_kernel": losses.LigerFusedLinearCrossEntropyLoss is not None,
               "train_samples_per_s_ours_packed": packed["samples_per_s"], "train_mfu_pct_ours_packed": packed["mfu_pct"]}
     # One batch: the loss of the packed row against the padded batch, and the CE of the fast path (Liger on CUDA
     # when installed) against full logits.
-    batch = batches(samples, micro, 1, 1, pad, device)[0][0]
+    batch = finisher(batches(samples, micro, 1, 1, pad, device)[0][0], device)
     with torch.no_grad(), (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                            else contextlib.nullcontext()):
         model.eval()
@@ -458,7 +467,8 @@ def bench_train(model: OmniAbnormCT, tokenizer, image_processor, scale: Scale, d
     for layer in (vlm.get_input_embeddings(), vlm.get_output_embeddings()):
         layer.weight.data = layer.weight.data.float()
         layer.weight.requires_grad_(True)
-    stock = time_training(model, batches(samples, 1, warmup + scale.train_steps, 4, pad, device), warmup, device)
+    stock = time_training(model, batches(samples, 1, warmup + scale.train_steps, 4, pad, device), warmup, device,
+                          finisher)
     checks["train_padding_pct_ours"] = ours["padding_pct"]  # token slots the packed run does not spend
     rows = {"train_samples_per_s": {"stock": stock["samples_per_s"], "ours": ours["samples_per_s"]},
             "train_mfu_pct": {"stock": stock["mfu_pct"], "ours": ours["mfu_pct"]},
@@ -472,8 +482,10 @@ def bench_data(scale: Scale, model: OmniAbnormCT) -> tuple[dict, dict]:
     cfg = model.config
     per_task = time_samples(n=scale.phantom_cases, size=scale.phantom_size, repeats=1, seg_size=cfg.seg.image_size,
                             image_pixels=cfg.image_pixels)
-    return {"cpu_ms_per_sample": {"stock": None, "ours": float(np.mean(list(per_task.values())))}}, \
-        {"cpu_ms_per_sample_by_task": per_task}
+    prepare = {name: ms["prepare"] for name, ms in per_task.items()}
+    finish = {name: ms["finish"] for name, ms in per_task.items()}
+    return {"cpu_ms_per_sample": {"stock": None, "ours": float(np.mean(list(prepare.values())))}}, \
+        {"cpu_ms_per_sample_by_task": prepare, "cpu_ms_finish_on_cpu_by_task": finish}
 
 
 # ----------------------------------------------------------------------------------------------------------- table

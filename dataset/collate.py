@@ -1,4 +1,8 @@
-"""Batch encoded conversations (right padding for training) with their images and segmentation targets."""
+"""Batch encoded conversations (right padding for training) with their images and segmentation targets.
+
+A collated batch is still raw: uint8 pixel codes and un-augmented stacks with each sample's augmentation seed.
+`dataset.finish.BatchFinisher` turns it into model inputs where the model is (or in the worker).
+"""
 
 from __future__ import annotations
 
@@ -14,16 +18,18 @@ from dataset.conversation import IGNORE_INDEX, EncodedConversation
 @dataclass
 class Sample:
     conversation: EncodedConversation
-    pixel_values: Tensor | None = None  # (patches, C·T·P·P) of all images of the sample, in order
+    pixel_codes: Tensor | None = None  # (patches, C·P·P) uint8 of all images of the sample, in order (dataset/vision.py)
     image_grid_thw: Tensor | None = None  # (images, 3)
-    seg_slices: Tensor | None = None  # (S, H, W)
+    seg_slices: Tensor | None = None  # (S, H, W) float32, z-scored, not yet augmented
     seg_masks: Tensor | None = None  # (N_i, H, W), one per <SEG> in order
+    seg_augment_seed: int | None = None  # 0 ≤ seed < 2³² when the stack and masks are to be augmented
     meta: dict = field(default_factory=dict)  # sample id, task, geometry: for evaluation and debugging, not batched
 
 
 def collate(samples: Sequence[Sample], pad_token_id: int) -> dict[str, Tensor]:
-    """→ model kwargs: input_ids, attention_mask, labels, mm_token_type_ids (B, L); pixel_values, image_grid_thw;
-    seg_slices (B, S, H, W), seg_masks (B, N, H, W) and seg_target_mask (B, N) when any sample has slices."""
+    """→ input_ids, attention_mask, labels, mm_token_type_ids (B, L); pixel_codes, image_grid_thw; seg_slices
+    (B, S, H, W), seg_masks (B, N, H, W) and seg_target_mask (B, N) when any sample has slices, and
+    seg_augment_seed (B,) int64 when they are to be augmented."""
     length = max(s.conversation.input_ids.numel() for s in samples)
 
     def pad(values: Tensor, fill: int) -> Tensor:
@@ -35,9 +41,9 @@ def collate(samples: Sequence[Sample], pad_token_id: int) -> dict[str, Tensor]:
         "mm_token_type_ids": torch.stack([pad(s.conversation.mm_token_type_ids, 0) for s in samples]),
         "attention_mask": torch.stack([pad(torch.ones_like(s.conversation.input_ids), 0) for s in samples]),
     }
-    with_images = [s for s in samples if s.pixel_values is not None]
+    with_images = [s for s in samples if s.pixel_codes is not None]
     if with_images:
-        batch["pixel_values"] = torch.cat([s.pixel_values for s in with_images])
+        batch["pixel_codes"] = torch.cat([s.pixel_codes for s in with_images])
         batch["image_grid_thw"] = torch.cat([s.image_grid_thw for s in with_images])
     if any(s.seg_slices is not None for s in samples):
         if any(s.seg_slices is None for s in samples):
@@ -50,4 +56,9 @@ def collate(samples: Sequence[Sample], pad_token_id: int) -> dict[str, Tensor]:
         batch["seg_masks"] = torch.stack([torch.cat([m.float(), m.new_zeros(n - m.shape[0], h, w).float()])
                                           for m in masks])
         batch["seg_target_mask"] = torch.arange(n)[None, :] < torch.tensor([m.shape[0] for m in masks])[:, None]
+        seeds = [s.seg_augment_seed for s in samples]
+        if any(seed is not None for seed in seeds):
+            if None in seeds:
+                raise ValueError("a batch mixes samples with and without augmentation")
+            batch["seg_augment_seed"] = torch.tensor(seeds, dtype=torch.int64)
     return batch

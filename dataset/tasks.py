@@ -30,7 +30,6 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dataset.augment import SegAugment
 from dataset.collate import Sample
 from dataset.conversation import Turn, encode
 from dataset.ct import InputError, stretch_to_uint8, window_to_uint8
@@ -105,7 +104,7 @@ def load_record_images(record: Record, rng: np.random.Generator, train: bool, se
 class SampleBuilder:
     """Encodes turns and images into a `Sample`: the step every task shares."""
 
-    def __init__(self, tokenizer, image_processor, seg_size: int = SEG_SIZE, augment: SegAugment | None = None):
+    def __init__(self, tokenizer, image_processor, seg_size: int = SEG_SIZE, augment: bool = False):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.vision = VisionPreprocessor(image_processor)
@@ -120,24 +119,23 @@ class SampleBuilder:
                  masks: np.ndarray | None = None, rng: np.random.Generator | None = None, meta: dict | None = None
                  ) -> Sample:
         """images: (H, W, 3) uint8 in order of appearance; stack (S, size, size) and masks (N, size, size), one
-        mask per `<SEG>` in the conversation, when the task segments."""
-        pixel_values = grid = None
+        mask per `<SEG>` in the conversation, when the task segments. With `augment`, the sample carries the seed of
+        its augmentation (drawn from `rng`), applied later by dataset.finish.BatchFinisher."""
+        pixel_codes = grid = None
         image_tokens: list[int] = []
         if images:
-            pixel_values, grid = self.vision(images)
+            pixel_codes, grid = self.vision.encode(images)
             image_tokens = (grid.prod(dim=1) // self.image_processor.merge_size ** 2).tolist()
         conversation = encode(self.tokenizer, turns, image_tokens, self.image_token_id)
-        seg_slices = seg_masks = None
+        seg_slices = seg_masks = seed = None
         if stack is not None:
             n_seg = int((conversation.input_ids == self.seg_token_id).sum())
             if masks is None or masks.shape[0] != n_seg:
                 raise ValueError(f"{n_seg} {SEG_TOKEN} token(s) in the conversation but "
                                  f"{0 if masks is None else masks.shape[0]} mask(s)")
-            if self.augment is not None:
-                seg_slices, seg_masks = self.augment(stack, masks.astype(np.float32), rng)
-            else:
-                seg_slices, seg_masks = torch.from_numpy(stack), torch.from_numpy(masks.astype(np.float32))
-        return Sample(conversation, pixel_values, grid, seg_slices, seg_masks, meta or {})
+            seg_slices, seg_masks = torch.from_numpy(stack), torch.from_numpy(masks.astype(np.float32))
+            seed = int(rng.integers(2**32)) if self.augment else None
+        return Sample(conversation, pixel_codes, grid, seg_slices, seg_masks, seed, meta or {})
 
 
 class TaskDataset(Dataset):

@@ -1,13 +1,16 @@
-"""Qwen2-VL vision inputs from RGB arrays: the exact output of transformers' `Qwen2VLImageProcessorPil`, faster.
+"""Qwen2-VL vision inputs from RGB arrays: the exact output of transformers' `Qwen2VLImageProcessorPil`, faster,
+in two stages so the float work can run on the GPU.
 
 The processor resizes with PIL, rescales in float64, normalises in float32, then reorders the pixels into patches
 (temporal copies included). Here:
-- the resize is PIL's, same filter, same `smart_resize` size, applied band by band and once per distinct band (PIL
-  resamples bands independently with the same weights, so this is pixel-identical; a grey slice costs one band);
-- rescale and normalise depend on one uint8 value and its channel only, so they are looked up in a (3, 256) float32
-  table computed once with the processor's own `rescale` / `normalize` (its arithmetic, order and dtypes, hence
-  bit-identical; a fused x·a + b in float32 is off by up to 5e-7);
-- the patch reordering is one reshape/transpose, written straight into the output.
+- `encode` (CPU): the resize is PIL's, same filter, same `smart_resize` size, applied band by band and once per
+  distinct band (PIL resamples bands independently with the same weights, so this is pixel-identical; a grey slice
+  costs one band); then the uint8 pixels are reordered into patches, one reshape/transpose: (patches, C·P·P) uint8
+  "pixel codes", a quarter of the float bytes and no temporal copies;
+- `values` (any device): rescale and normalise depend on one uint8 value and its channel only, so they are looked up
+  in a (3, 256) float32 table computed once with the processor's own `rescale` / `normalize` (its arithmetic, order
+  and dtypes, hence bit-identical; a fused x·a + b in float32 is off by up to 5e-7), and the temporal copies are
+  made there.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class VisionPreprocessor:
         if p.do_normalize:
             table = p.normalize(table, p.image_mean, p.image_std)
         self.table = np.ascontiguousarray(table, dtype=np.float32).reshape(CHANNELS, 256)
+        self._tables: dict[torch.device, torch.Tensor] = {}  # the table on each device values() has run on
 
     def target_size(self, height: int, width: int) -> tuple[int, int]:
         """(height, width) of the resized image, multiples of patch_size · merge_size."""
@@ -54,8 +58,8 @@ class VisionPreprocessor:
         return smart_resize(height, width, factor=self.patch_size * self.merge_size, min_pixels=self.min_pixels,
                             max_pixels=self.max_pixels)
 
-    def values(self, image: np.ndarray, height: int, width: int) -> np.ndarray:
-        """(H, W, 3) uint8 → (3, height, width) float32 model values."""
+    def resized_bands(self, image: np.ndarray, height: int, width: int) -> np.ndarray:
+        """(H, W, 3) uint8 → (3, height, width) uint8, PIL's resize of each band."""
         # each channel's first equal channel: all three on a grey slice, G and B on a grey slice with red marks
         source = [next((k for k in range(c) if np.array_equal(image[:, :, k], image[:, :, c])), c)
                   for c in range(CHANNELS)]
@@ -65,15 +69,12 @@ class VisionPreprocessor:
             if (height, width) != band.shape:  # PIL's resize to the same size is a copy
                 band = np.asarray(Image.fromarray(band).resize((width, height), resample=self.resample))
             bands[k] = band
-        values = np.empty((CHANNELS, height, width), dtype=np.float32)
-        for c, k in enumerate(source):  # uint8 indices are always within the table: mode="clip" skips bounds checks
-            np.take(self.table[c], bands[k], mode="clip", out=values[c])
-        return values
+        return np.stack([bands[k] for k in source])
 
-    def __call__(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        """images: (H, W, 3) uint8 RGB arrays → pixel_values (patches, 3·T·P·P) float32, image_grid_thw (images, 3)
-        int64 (1, H'/P, W'/P per image), patches of all images concatenated in order (T: temporal_patch_size, P:
-        patch_size, H' × W': the `smart_resize` size)."""
+    def encode(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """images: (H, W, 3) uint8 RGB arrays → pixel codes (patches, 3·P·P) uint8, image_grid_thw (images, 3) int64
+        (1, H'/P, W'/P per image), patches of all images concatenated in order, in the processor's patch order
+        (P: patch_size, H' × W': the `smart_resize` size). `values(codes)` gives the processor's pixel_values."""
         if len(images) == 0:
             raise ValueError("no images to preprocess")
         for i, image in enumerate(images):
@@ -81,16 +82,37 @@ class VisionPreprocessor:
                     or image.shape[2] != CHANNELS or 0 in image.shape:
                 what = f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray) else type(image)
                 raise ValueError(f"image {i}: expected an (H, W, 3) uint8 RGB array, got a {what}")
-        p, m, t = self.patch_size, self.merge_size, self.temporal_patch_size
+        p, m = self.patch_size, self.merge_size
         sizes = [self.target_size(*image.shape[:2]) for image in images]
         grid = torch.tensor([(1, h // p, w // p) for h, w in sizes], dtype=torch.int64)
         counts = grid.prod(dim=1).tolist()
-        pixel_values = np.empty((sum(counts), CHANNELS * t * p * p), dtype=np.float32)
+        codes = np.empty((sum(counts), CHANNELS * p * p), dtype=np.uint8)
         start = 0
         for image, (h, w), n in zip(images, sizes, counts):
             bh, bw = h // (p * m), w // (p * m)
-            # (C, H, W) → (blocks_h, blocks_w, merge_h, merge_w, C, [T copies], P, P): the processor's patch order
-            blocks = self.values(image, h, w).reshape(CHANNELS, bh, m, p, bw, m, p).transpose(1, 4, 2, 5, 0, 3, 6)
-            pixel_values[start:start + n].reshape(bh, bw, m, m, CHANNELS, t, p, p)[...] = blocks[:, :, :, :, :, None]
+            # (C, H, W) → (blocks_h, blocks_w, merge_h, merge_w, C, P, P): the processor's patch order
+            blocks = self.resized_bands(image, h, w).reshape(CHANNELS, bh, m, p, bw, m, p).transpose(1, 4, 2, 5, 0, 3, 6)
+            codes[start:start + n].reshape(bh, bw, m, m, CHANNELS, p, p)[...] = blocks
             start += n
-        return torch.from_numpy(pixel_values), grid
+        return torch.from_numpy(codes), grid
+
+    def values(self, codes: torch.Tensor) -> torch.Tensor:
+        """pixel codes (patches, 3·P·P) uint8 → pixel_values (patches, 3·T·P·P) float32 on the codes' device (T:
+        temporal_patch_size copies of each patch, the processor's layout (C, T, P, P))."""
+        p, t = self.patch_size, self.temporal_patch_size
+        if codes.dtype != torch.uint8 or codes.ndim != 2 or codes.shape[1] != CHANNELS * p * p:
+            raise ValueError(f"expected (patches, {CHANNELS * p * p}) uint8 pixel codes, got {codes.dtype} "
+                             f"{tuple(codes.shape)}")
+        table = self._tables.get(codes.device)
+        if table is None:
+            table = self._tables[codes.device] = torch.from_numpy(self.table).to(codes.device)
+        # channel c's value v is entry c·256 + v of the flattened table
+        offsets = torch.arange(CHANNELS, device=codes.device).repeat_interleave(p * p) * 256
+        values = table.view(-1)[codes.long() + offsets]
+        return values.view(-1, CHANNELS, 1, p * p).expand(-1, CHANNELS, t, p * p).reshape(-1, CHANNELS * t * p * p)
+
+    def __call__(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """images: (H, W, 3) uint8 RGB arrays → pixel_values (patches, 3·T·P·P) float32, image_grid_thw (images, 3)
+        int64, on the CPU: `values(encode(images))`."""
+        codes, grid = self.encode(images)
+        return self.values(codes), grid

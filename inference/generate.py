@@ -44,7 +44,7 @@ class Prompt:
 class EncodedPrompt:
     input_ids: Tensor  # (L,)
     mm_token_type_ids: Tensor  # (L,)
-    pixel_values: Tensor  # (patches, C·T·P·P)
+    pixel_codes: Tensor  # (patches, C·P·P) uint8; pixel values are made on the device (dataset/vision.py)
     image_grid_thw: Tensor  # (images, 3)
     image_keys: tuple[bytes, ...] = ()  # per image: shape + SHA-256 of its pixels (the reuse key of its features)
 
@@ -106,21 +106,26 @@ class Generator:
         the tokenizer runs on the calling thread (a fast tokenizer is not safe to share between threads)."""
         images = (pool.map if pool is not None else map)(self._pixels, prompts)
         encoded = []
-        for prompt, (pixel_values, grid, keys) in zip(prompts, images):
+        for prompt, (pixel_codes, grid, keys) in zip(prompts, images):
             conversation = encode(self.tokenizer, prompt.turns, (grid.prod(dim=1) // self.merge).tolist(),
                                   self.image_token_id, add_generation_prompt=True)
-            encoded.append(EncodedPrompt(conversation.input_ids, conversation.mm_token_type_ids, pixel_values, grid,
+            encoded.append(EncodedPrompt(conversation.input_ids, conversation.mm_token_type_ids, pixel_codes, grid,
                                          keys))
         return encoded
 
     def _pixels(self, prompt: Prompt) -> tuple[Tensor, Tensor, tuple[bytes, ...]]:
-        pixel_values, grid = self.vision(prompt.images)
+        pixel_codes, grid = self.vision.encode(prompt.images)
         keys = tuple(image_key(image) for image in prompt.images) if self.settings.reuse_image_features else ()
-        return pixel_values, grid, keys
+        return pixel_codes, grid, keys
+
+    def _pixel_values(self, pixel_codes: Sequence[Tensor]) -> Tensor:
+        """Pixel codes of several images → their pixel values (patches, C·T·P·P) on the device, in the model's dtype."""
+        return self.vision.values(torch.cat(list(pixel_codes)).to(self.device)).to(self.model.vlm.dtype)
 
     def batch(self, rows: Sequence[tuple[EncodedPrompt, Tensor]]) -> dict[str, Tensor]:
         """(prompt, continuation ids) rows → left-padded model kwargs on the device: input_ids, attention_mask,
-        mm_token_type_ids (B, L), pixel_values and image_grid_thw of all rows' images in row order."""
+        mm_token_type_ids (B, L), image_grid_thw, and the images of all rows in row order: pixel_values, or with
+        `reuse_image_features` their features (`_with_features`)."""
         length = max(p.input_ids.numel() + c.numel() for p, c in rows)
         ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -130,17 +135,20 @@ class Generator:
             ids[b, length - n:] = torch.cat([p.input_ids, cont])
             mm[b, length - n:length - cont.numel()] = p.mm_token_type_ids
             mask[b, length - n:] = 1
-        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device),
-                "mm_token_type_ids": mm.to(self.device),
-                "pixel_values": torch.cat([p.pixel_values for p, _ in rows]).to(self.device, self.model.vlm.dtype),
-                "image_grid_thw": torch.cat([p.image_grid_thw for p, _ in rows]).to(self.device)}
+        inputs = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device),
+                  "mm_token_type_ids": mm.to(self.device),
+                  "image_grid_thw": torch.cat([p.image_grid_thw for p, _ in rows]).to(self.device)}
+        prompts = [p for p, _ in rows]
+        if self.settings.reuse_image_features:
+            return self._with_features(inputs, prompts)
+        return {**inputs, "pixel_values": self._pixel_values([p.pixel_codes for p in prompts])}
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[EncodedPrompt], max_new_tokens: int, logits_processor=None
                  ) -> list[Generated]:
         """Greedy decoding of all prompts in one batch (left padding, KV cache on)."""
         empty = torch.zeros(0, dtype=torch.long)
-        inputs = self._with_features(self.batch([(p, empty) for p in prompts]), prompts)
+        inputs = self.batch([(p, empty) for p in prompts])
         if self.static is not None:
             new = self.static.generate(inputs, max_new_tokens, logits_processor).cpu()
         else:
@@ -163,32 +171,28 @@ class Generator:
     @torch.no_grad()
     def seg_queries(self, rows: Sequence[Generated]) -> tuple[Tensor, Tensor, Tensor]:
         """Generated rows → queries (B, N, D), query_mask (B, N), seg_probability (B, N), on the device."""
-        inputs = self.batch([(g.prompt, g.token_ids) for g in rows])
-        return self.model.seg_queries(**self._with_features(inputs, [g.prompt for g in rows]))
+        return self.model.seg_queries(**self.batch([(g.prompt, g.token_ids) for g in rows]))
 
     def _with_features(self, inputs: dict[str, Tensor], prompts: Sequence[EncodedPrompt]) -> dict:
-        """Model kwargs from `batch` → the same with the images' features in place of their pixels, when reusing.
+        """Model kwargs without images → the same with the prompts' image features (`mm_encoder_outputs`).
 
         Images whose features the previous call computed (the key slice of a second round or of the `<SEG>` forward)
         are not encoded again; the others are encoded together in one vision-tower call. Only the features of this
         call's images are kept, so the held memory is one batch's images.
         """
-        if not self.settings.reuse_image_features:
-            return inputs
-        pending: dict[bytes, tuple[Tensor, Tensor]] = {}  # key → (pixel_values, grid) of images to encode
+        pending: dict[bytes, tuple[Tensor, Tensor]] = {}  # key → (pixel codes, grid) of images to encode
         for p in prompts:
-            pixels = p.pixel_values.split(p.image_grid_thw.prod(dim=1).tolist())
+            pixels = p.pixel_codes.split(p.image_grid_thw.prod(dim=1).tolist())
             for key, pv, grid in zip(p.image_keys, pixels, p.image_grid_thw, strict=True):
                 if key not in self._features:
                     pending.setdefault(key, (pv, grid))
         features = {key: self._features[key] for p in prompts for key in p.image_keys if key in self._features}
         if pending:
             vlm = self.model.vlm
-            pixel_values = torch.cat([pv for pv, _ in pending.values()]).to(self.device, vlm.dtype)
+            pixel_values = self._pixel_values([codes for codes, _ in pending.values()])
             grids = torch.stack([grid for _, grid in pending.values()]).to(self.device)
             features.update(zip(pending, vlm.model.get_image_features(pixel_values, grids).pooler_output))
         self._features = features
-        inputs = {k: v for k, v in inputs.items() if k != "pixel_values"}
         pooled = tuple(features[key] for p in prompts for key in p.image_keys)
         return {**inputs, "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=pooled)}}
 

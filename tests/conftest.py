@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from dataset.collate import collate
+from dataset.finish import BatchFinisher
+from dataset.vision import VisionPreprocessor
 from model.omniabnorm import build_model
 from model.tiny import tiny_model_config, write_tiny_base
 from tests.helpers import make_sample
@@ -33,5 +35,5 @@ def make_batch():
     def build(tokenizer, image_processor, seg_counts, seg_size: int = 64):
         samples = [make_sample(tokenizer, image_processor, n, seed=i, seg_size=seg_size)
                    for i, n in enumerate(seg_counts)]
-        return collate(samples, tokenizer.pad_token_id)
+        return BatchFinisher(VisionPreprocessor(image_processor), None)(collate(samples, tokenizer.pad_token_id), "cpu")
     return build

@@ -8,6 +8,7 @@ from torch.utils.data import DataLoader
 from dataset.augment import SegAugment
 from dataset.collate import collate
 from dataset.conversation import IGNORE_INDEX
+from dataset.finish import BatchFinisher
 from dataset.phantom import write_phantom
 from dataset.prompts import GROUNDED_REPORT_EVAL, NO_ABNORMALITY, NO_RELEVANT_ABNORMALITY, REPORT_SUFFIX
 from dataset.records import load_records
@@ -139,25 +140,34 @@ def test_referring_positives_and_negatives(phantom, builder):
     assert kinds == {True, False}
 
 
+def finished(builder, samples, augment: bool = True) -> dict:
+    """The samples collated and finished on the CPU, as the training step does on its device."""
+    finisher = BatchFinisher(builder.vision, SegAugment() if augment else None)
+    return finisher(collate(samples, builder.tokenizer.pad_token_id), "cpu")
+
+
 def test_samples_are_pure_functions_of_the_key(phantom, builder):
-    augmented = SampleBuilder(builder.tokenizer, builder.image_processor, seg_size=SEG, augment=SegAugment())
+    augmented = SampleBuilder(builder.tokenizer, builder.image_processor, seg_size=SEG, augment=True)
     task = GroundedReportTask(phantom, augmented, seed=5)
     a, b = task[SampleKey(task.task, 3, 1)], task[SampleKey(task.task, 3, 1)]
     c = task[SampleKey(task.task, 3, 2)]
     assert torch.equal(a.conversation.input_ids, b.conversation.input_ids)
-    assert torch.equal(a.seg_slices, b.seg_slices) and torch.equal(a.pixel_values, b.pixel_values)
-    assert not (torch.equal(a.seg_slices, c.seg_slices) and torch.equal(a.conversation.input_ids,
-                                                                        c.conversation.input_ids))
+    assert torch.equal(a.pixel_codes, b.pixel_codes) and a.seg_augment_seed == b.seg_augment_seed
+    batch_a, batch_b, batch_c = (finished(augmented, [s]) for s in (a, b, c))
+    assert torch.equal(batch_a["seg_slices"], batch_b["seg_slices"])
+    assert torch.equal(batch_a["pixel_values"], batch_b["pixel_values"])
+    assert not (torch.equal(batch_a["seg_slices"], batch_c["seg_slices"])
+                and torch.equal(a.conversation.input_ids, c.conversation.input_ids))
 
 
 @pytest.mark.slow
 def test_loader_batches_drive_the_tiny_model(phantom, tiny):
     model, tokenizer, image_processor, _cfg = tiny
-    builder = SampleBuilder(tokenizer, image_processor, seg_size=SEG, augment=SegAugment())
+    builder = SampleBuilder(tokenizer, image_processor, seg_size=SEG, augment=True)
     dataset = MultiTaskDataset([GroundedReportTask(phantom, builder), VisualPromptTask(phantom, builder),
                                 PerFindingReportTask(phantom, builder)])
     sampler = TaskBatchSampler(dataset.sizes(), batch_size=2, seed=0)
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=lambda s: collate(s, tokenizer.pad_token_id))
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=lambda s: finished(builder, s))
     tasks_seen = set()
     for step, batch in enumerate(loader):
         out = model(**batch)
@@ -169,16 +179,43 @@ def test_loader_batches_drive_the_tiny_model(phantom, tiny):
 
 
 def test_training_samples_are_augmented(phantom, builder):
-    """The builder's augmentation really runs on the stack and masks (their alignment: tests/test_augment.py)."""
-    augmented = SampleBuilder(builder.tokenizer, builder.image_processor, seg_size=SEG, augment=SegAugment())
+    """Training samples carry their augmentation seed and the finisher really applies it to the stack and masks
+    (their alignment: tests/test_augment.py); samples without a seed are left as they are."""
+    augmented = SampleBuilder(builder.tokenizer, builder.image_processor, seg_size=SEG, augment=True)
     plain, aug = (GroundingTask([r for r in phantom if not r.is_normal], b, seed=2) for b in (builder, augmented))
     changed = 0
     for index in range(len(plain)):
         key = SampleKey(plain.task, index, 0)
         a, b = plain[key], aug[key]
-        assert set(np.unique(b.seg_masks.numpy())) <= {0.0, 1.0} and b.seg_slices.shape == a.seg_slices.shape
-        changed += not torch.equal(a.seg_slices, b.seg_slices)
+        assert a.seg_augment_seed is None and b.seg_augment_seed is not None
+        assert torch.equal(a.seg_slices, b.seg_slices)  # the stack itself is augmented later
+        batch_a, batch_b = finished(builder, [a]), finished(builder, [b])
+        assert torch.equal(batch_a["seg_slices"][0], a.seg_slices)
+        assert set(np.unique(batch_b["seg_masks"].numpy())) <= {0.0, 1.0}
+        assert batch_b["seg_slices"].shape == batch_a["seg_slices"].shape
+        changed += not torch.equal(batch_a["seg_slices"], batch_b["seg_slices"])
     assert changed >= len(plain) // 2
+
+
+def test_finishing_in_the_worker_or_on_the_device_gives_the_same_batch(phantom, builder):
+    """data.finish_on: the batch finished by the DataLoader worker's collate and the one finished in the training
+    step are identical (on the CPU, where both run the same generator), in several batch orders."""
+    augmented = SampleBuilder(builder.tokenizer, builder.image_processor, seg_size=SEG, augment=True)
+    task = PerFindingReportTask(phantom, augmented, seed=3)
+    samples = [task[SampleKey(task.task, i, 0)] for i in range(4)]
+    finisher = BatchFinisher(builder.vision, SegAugment())
+    in_worker = finisher.in_worker(lambda s: collate(s, builder.tokenizer.pad_token_id))(samples)
+    in_step = finisher(collate(samples, builder.tokenizer.pad_token_id), torch.device("cpu"))
+    assert in_worker.keys() == in_step.keys() and "seg_augment_seed" not in in_step
+    for key in in_step:
+        assert torch.equal(in_worker[key], in_step[key]), key
+    # each row is a function of its own sample: the same sample alone or in another batch order gives the same
+    reordered = finished(augmented, samples[::-1])
+    alone = finished(augmented, samples[2:3])
+    assert torch.equal(reordered["seg_slices"][1], in_step["seg_slices"][2])
+    assert torch.equal(alone["seg_slices"][0], in_step["seg_slices"][2])
+    n = int(alone["seg_target_mask"].sum())
+    assert torch.equal(alone["seg_masks"][0, :n], in_step["seg_masks"][2, :n])
 
 
 def test_instruction_qa_and_report_corpus(tmp_path, builder):
@@ -203,7 +240,7 @@ def test_instruction_qa_and_report_corpus(tmp_path, builder):
     task = InstructionQATask(pairs, builder)
     assert supervised_text(builder, task[0]) == "The liver.<|im_end|>"
     assert "What organ is shown?<|im_end|>" in full_text(builder, task[0])
-    assert task[1].pixel_values is not None  # a 16-bit image is shown stretched, not wrapped
+    assert task[1].pixel_codes is not None  # a 16-bit image is shown stretched, not wrapped
     (tmp_path / "corpus.json").write_text('[{"image": "a.png", "caption": "No acute findings."}]')
     corpus = ReportCorpusTask(load_report_corpus(tmp_path / "corpus.json"), builder)
     assert REPORT_CORPUS_INSTRUCTION in full_text(builder, corpus[0])

@@ -74,6 +74,23 @@ def test_geometry_of_a_512_slice(processors, pixels, grid):
     assert -2.0 < float(pixel_values.min()) and float(pixel_values.max()) < 2.2
 
 
+def test_pixel_codes_are_the_uint8_patches_of_the_values(processors):
+    """encode → uint8 codes (one byte per pixel, no temporal copies) that `values` turns into the processor's
+    pixel_values; each code is the resized pixel itself, so the values are a per-channel function of it."""
+    processor = processors[REAL]
+    vision = VisionPreprocessor(processor)
+    image = IMAGES["red_box"]
+    codes, grid = vision.encode([image])
+    assert codes.dtype == torch.uint8 and codes.shape == (int(grid.prod()), 3 * 14 * 14)
+    values = vision.values(codes)
+    assert_same((values, grid), reference(processor, [image]))
+    per_channel = values.reshape(-1, 3, 2, 14 * 14)[:, :, 0]
+    table = torch.from_numpy(vision.table)
+    assert torch.equal(per_channel, table[torch.arange(3)[None, :, None], codes.reshape(-1, 3, 196).long()])
+    with pytest.raises(ValueError, match="uint8 pixel codes"):
+        vision.values(values)
+
+
 @pytest.mark.parametrize("pixels", [REAL, TINY])
 def test_batch_of_two_sizes(processors, pixels):
     processor = processors[pixels]

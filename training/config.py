@@ -57,6 +57,9 @@ class DataConfig:
     instruction_qa_json: str = ""  # PubMedVision-style JSON (needed when tasks.instruction_qa > 0)
     report_corpus_json: str = ""  # JSON list of {image, caption} (needed when tasks.report_corpus > 0)
     augment: bool = True  # SPEC §4.3 augmentation of the segmentation stack
+    # Where the float work of preparation runs (pixel normalisation, augmentation; dataset/finish.py): "device" in
+    # the training step, batched on the GPU; "worker" on the CPU in the DataLoader workers.
+    finish_on: str = "device"
     num_workers: int = 4  # DataLoader workers per rank
     phantom: PhantomData | None = None  # set → train on a phantom written on the fly (root/train_json ignored)
 
@@ -73,6 +76,8 @@ class DataConfig:
         for name in TEXT_TASKS:
             if self.tasks.get(name, 0) > 0 and not getattr(self, f"{name}_json"):
                 raise ConfigError(f"data.tasks.{name} > 0 needs data.{name}_json")
+        if self.finish_on not in ("device", "worker"):
+            raise ConfigError(f"data.finish_on must be 'device' or 'worker', got {self.finish_on!r}")
         if self.phantom is None and not self.root:
             raise ConfigError("data.root is empty: set it to the dataset folder (e.g. data/OmniAbnorm-CT-14K) or "
                               "use data.phantom")

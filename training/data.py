@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from dataset.augment import SegAugment
 from dataset.collate import collate
 from dataset.ct import PLANES, InputError
+from dataset.finish import BatchFinisher
 from dataset.phantom import write_phantom
 from dataset.records import Record, load_records
 from dataset.sampler import TaskBatchSampler
@@ -27,6 +28,7 @@ from dataset.tasks import (
     load_pubmedvision_ct,
     load_report_corpus,
 )
+from dataset.vision import VisionPreprocessor
 from training.config import TrainConfig
 from training.distributed import Dist
 
@@ -64,8 +66,7 @@ def read_records(files: list[Path]) -> list[Record]:
 
 def build_train_dataset(cfg: TrainConfig, files: DataFiles, tokenizer, image_processor) -> MultiTaskDataset:
     """One dataset per task with a positive quota; a configured task without samples is an error."""
-    builder = SampleBuilder(tokenizer, image_processor, seg_size=cfg.model.seg.image_size,
-                            augment=SegAugment() if cfg.data.augment else None)
+    builder = SampleBuilder(tokenizer, image_processor, seg_size=cfg.model.seg.image_size, augment=cfg.data.augment)
     wanted = [name for name, quota in cfg.data.tasks.items() if quota > 0]
     records = read_records(files.train) if any(name in RECORD_TASKS for name in wanted) else []
     tasks = []
@@ -89,17 +90,24 @@ def steps_per_epoch(cfg: TrainConfig, world_size: int) -> int:
     return max(1, math.ceil(sum(cfg.data.tasks.values()) / global_batch))
 
 
-def build_loader(cfg: TrainConfig, dataset: MultiTaskDataset, env: Dist, pad_token_id: int
+def build_finisher(cfg: TrainConfig, image_processor) -> BatchFinisher:
+    return BatchFinisher(VisionPreprocessor(image_processor), SegAugment() if cfg.data.augment else None)
+
+
+def build_loader(cfg: TrainConfig, dataset: MultiTaskDataset, env: Dist, pad_token_id: int, finisher: BatchFinisher
                  ) -> tuple[DataLoader, TaskBatchSampler]:
     """Sampler steps are micro-steps; an epoch is a whole number of optimizer steps, so no accumulation group
-    straddles two epochs."""
+    straddles two epochs. With `data.finish_on: worker` the workers also finish the batches (on the CPU)."""
     weights = {name: float(q) for name, q in cfg.data.tasks.items() if q > 0}
     sampler = TaskBatchSampler(dataset.sizes(), batch_size=cfg.micro_batch_size, world_size=env.world_size,
                                rank=env.rank, seed=cfg.seed, task_weights=weights,
                                steps_per_epoch=steps_per_epoch(cfg, env.world_size) * cfg.grad_accumulation)
     # Its own generator: creating an iterator draws a worker base seed, which must not advance the global torch
     # RNG (dropout) differently in a resumed run that starts mid-epoch. Samples take no randomness from workers.
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=partial(collate, pad_token_id=pad_token_id),
+    collate_fn = partial(collate, pad_token_id=pad_token_id)
+    if cfg.data.finish_on == "worker":
+        collate_fn = finisher.in_worker(collate_fn)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn,
                         num_workers=cfg.data.num_workers, pin_memory=env.device.type == "cuda",
                         generator=torch.Generator().manual_seed(cfg.seed))
     return loader, sampler

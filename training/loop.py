@@ -46,7 +46,14 @@ from model.checkpoint import CheckpointError, load_checkpoint, load_starting_poi
 from model.config import ConfigError
 from model.tiny import write_tiny_base
 from training.config import TINY_BASE, TrainConfig, load_config, save_config
-from training.data import build_loader, build_train_dataset, build_valid_grounding, prepare_data, steps_per_epoch
+from training.data import (
+    build_finisher,
+    build_loader,
+    build_train_dataset,
+    build_valid_grounding,
+    prepare_data,
+    steps_per_epoch,
+)
 from training.distributed import (
     Dist,
     clip_grad_norm,
@@ -243,7 +250,7 @@ def load_training_checkpoint(folder: Path, env: Dist, model: nn.Module, optimize
 # ----------------------------------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def evaluate_grounding(model: nn.Module, task, collate_fn, env: Dist, n: int, autocast) -> float:
+def evaluate_grounding(model: nn.Module, task, collate_fn, finisher, env: Dist, n: int, autocast) -> float:
     """Mean key-slice Dice (0.5 threshold) over the first `n` held-out grounding cases, `<SEG>` given (teacher
     forced). Every rank runs the same number of forwards (FSDP2 needs it); padding cases are not counted."""
     n = min(n, len(task))
@@ -252,7 +259,7 @@ def evaluate_grounding(model: nn.Module, task, collate_fn, env: Dist, n: int, au
     model.eval()
     for k in range(per_rank):
         index = min(env.rank * per_rank + k, n - 1)
-        batch = {key: v.to(env.device) for key, v in collate_fn([task[index]]).items()}
+        batch = finisher(collate_fn([task[index]]), env.device)
         with autocast():
             out = model(**batch)
         if env.rank * per_rank + k < n:
@@ -294,7 +301,8 @@ def _train(cfg: TrainConfig, env: Dist) -> Path:
                                   weight_decay=cfg.optim.weight_decay)
     files = prepare_data(cfg, env)
     dataset = build_train_dataset(cfg, files, tokenizer, image_processor)
-    loader, sampler = build_loader(cfg, dataset, env, tokenizer.pad_token_id)
+    finisher = build_finisher(cfg, image_processor)
+    loader, sampler = build_loader(cfg, dataset, env, tokenizer.pad_token_id, finisher)
     valid = build_valid_grounding(cfg, files, tokenizer, image_processor) if cfg.eval_every else None
 
     epoch_steps = steps_per_epoch(cfg, env.world_size)
@@ -332,7 +340,7 @@ def _train(cfg: TrainConfig, env: Dist) -> Path:
         for k in range(cfg.grad_accumulation):
             task, batch = next(batches)
             tasks.add(task)
-            batch = {key: v.to(env.device, non_blocking=True) for key, v in batch.items()}
+            batch = finisher(batch, env.device)
             with sync_context(wrapped, k == cfg.grad_accumulation - 1):
                 with autocast():
                     out = wrapped(**batch)
@@ -359,7 +367,7 @@ def _train(cfg: TrainConfig, env: Dist) -> Path:
             **memory_mb(env.device),
         }
         if valid is not None and (done % cfg.eval_every == 0 or done == end):
-            metrics["valid_dice"] = evaluate_grounding(wrapped, valid, loader.collate_fn, env, cfg.eval_samples,
+            metrics["valid_dice"] = evaluate_grounding(wrapped, valid, loader.collate_fn, finisher, env, cfg.eval_samples,
                                                        autocast)
             log.write(f"step {done}: held-out grounding Dice {metrics['valid_dice']:.4f} "
                       f"({min(cfg.eval_samples, len(valid))} cases)")
