@@ -24,7 +24,8 @@ Sections, and what "stock" and "ours" are in each:
   autocast) on the five released tasks in turn. stock: HF style — micro-batch 1 × 4 accumulation, gradient
   checkpointing, full embedding and output head trained (as the release did), full-vocabulary logits, SDPA vision
   loop; ours: micro-batch `train_micro` (halved on out-of-memory), no checkpointing, `model.linear_ce`, varlen vision;
-  then ours again with `model.packed_sequences` (padding dropped; in the checks, as `*_ours_packed`).
+  then ours again with `model.packed_sequences` (padding dropped; in the checks, as `*_ours_packed`), and on CUDA
+  once more with `model.compile_blocks` added (`*_ours_packed_compiled`; compilation happens in the warm-up steps).
   Model-FLOP utilisation = (6 · N_llm · LLM tokens + 2 · N_vision · image patches) / (time · 989 TFLOP/s), N_llm the
   language-model and output-head parameters without the input embedding, tokens counted without padding, the
   frozen vision tower forward only, attention and segmentation-module FLOPs not counted; 989 TFLOP/s is the H100
@@ -70,7 +71,14 @@ from inference.cases import Case
 from inference.generate import DecodeSettings, Generator, Prompt
 from inference.pipeline import OmniAbnormPipeline
 from model import losses
-from model.omniabnorm import OmniAbnormCT, lora_layers, set_packed_sequences, set_vision_attention, varlen_attn
+from model.omniabnorm import (
+    OmniAbnormCT,
+    compile_blocks,
+    lora_layers,
+    set_packed_sequences,
+    set_vision_attention,
+    varlen_attn,
+)
 from training.config import RELEASED_QUOTAS
 from utils.atomic import write_text_atomic
 
@@ -447,6 +455,18 @@ def bench_train(model: OmniAbnormCT, tokenizer, image_processor, scale: Scale, d
                            device, finisher)
     checks = {"train_micro_batch_ours": micro, "liger_kernel": losses.LigerFusedLinearCrossEntropyLoss is not None,
               "train_samples_per_s_ours_packed": packed["samples_per_s"], "train_mfu_pct_ours_packed": packed["mfu_pct"]}
+    if device.type == "cuda":  # inductor's CPU code says nothing about the GPU, and compiling costs the CI minutes
+        compile_blocks(vlm)
+        try:
+            compiled = time_training(model, batches(samples, micro, warmup + scale.train_steps, 1, pad, device),
+                                     warmup, device, finisher)
+            checks["train_samples_per_s_ours_packed_compiled"] = compiled["samples_per_s"]
+            checks["train_mfu_pct_ours_packed_compiled"] = compiled["mfu_pct"]
+        except Exception as err:  # noqa: BLE001 - an untried combination must not cost the other rows
+            checks["train_compiled_error"] = f"{type(err).__name__}: {err}"[:2000]
+            model.zero_grad(set_to_none=True)
+        finally:
+            compile_blocks(vlm, compiled=False)
     # One batch: the loss of the packed row against the padded batch, and the CE of the fast path (Liger on CUDA
     # when installed) against full logits.
     batch = finisher(batches(samples, micro, 1, 1, pad, device)[0][0], device)

@@ -129,6 +129,11 @@ class ModelConfig:
     # packed_sequences: training forwards drop the padding and run the batch's samples as one row, each attending
     # within itself only (one variable-length attention call per layer), so no token slot is spent on padding.
     packed_sequences: bool = False
+    # compile_blocks: in training, each language-model decoder layer and each vision block is compiled with
+    # torch.compile (regional compilation: the repeated block compiles once, the code between blocks stays eager),
+    # fusing the small elementwise kernels (fp32 RMSNorm, rotary, casts) the profiles show between the matrix
+    # products. Inference ignores it (its decode step is a CUDA graph: inference/decoding.py).
+    compile_blocks: bool = False
 
     def validate(self) -> None:
         if self.dtype not in ("bfloat16", "float32", "float16"):

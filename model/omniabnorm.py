@@ -160,6 +160,18 @@ def set_packed_sequences(model: OmniAbnormCT, packed: bool) -> None:
     model.vlm.model.language_model.config._attn_implementation = PACKED_ATTENTION if packed else "sdpa"
 
 
+def compile_blocks(vlm: Qwen2_5_VLForConditionalGeneration, compiled: bool = True) -> None:
+    """Compile each language-model decoder layer and each vision block in place (`nn.Module.compile`: parameter
+    names, hooks and wrappers stay as they are), or with `compiled=False` run them eagerly again. Lazy: each block
+    compiles on its first call; sequence lengths that change between batches make the second shape compile once
+    more with dynamic sizes, then no more."""
+    for block in [*vlm.model.language_model.layers, *vlm.model.visual.blocks]:
+        if compiled:
+            block.compile()
+        else:
+            block._compiled_call_impl = None  # what nn.Module.compile set; torch has no public way back
+
+
 class OmniAbnormCT(nn.Module):
     def __init__(self, vlm: Qwen2_5_VLForConditionalGeneration, seg_module: SegmentationModule,
                  seg_token_id: int, config: ModelConfig):

@@ -44,6 +44,7 @@ from dataset.ct import InputError
 from dataset.sampler import TaskBatchSampler
 from model.checkpoint import CheckpointError, load_checkpoint, load_starting_point, save_checkpoint
 from model.config import ConfigError
+from model.omniabnorm import compile_blocks
 from model.tiny import write_tiny_base
 from training.config import TINY_BASE, TrainConfig, load_config, save_config
 from training.data import (
@@ -112,6 +113,8 @@ def build(cfg: TrainConfig, env: Dist):
             p.data = p.data.float()
     if cfg.gradient_checkpointing:
         model.vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if model_cfg.compile_blocks:  # before DDP / FSDP2 wrap the blocks, as torchtitan orders it
+        compile_blocks(model.vlm)
     return model.to(env.device).train(), tokenizer, image_processor
 
 
