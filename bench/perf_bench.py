@@ -15,7 +15,8 @@ Sections, and what "stock" and "ours" are in each:
   per layer); ours: `model.vision_attention = "varlen"` (one packed call per layer).
 - decode: greedy tokens/s after the prefill, batch 1 and 32 (one 512² slice + the grounded instruction each).
   stock: transformers' generate() with its dynamic KV cache; ours: inference/decoding.py, a static KV cache and, on
-  CUDA, the decode step replayed as a CUDA graph.
+  CUDA, the decode step replayed as a CUDA graph. The checks add batch 1 with the LoRA update merged and, on CUDA,
+  with the blocks compiled as well (`DecodeSettings.compile_blocks`).
 - grounded: the two-round grounded flow of inference/pipeline.py, s/case at batch 1 and cases/s batched (phantom
   DICOM-like slice folders; random weights would never emit `<SEG>`, so the replies are scripted through the real
   generate loop: round 1 `<SEG>`, round 2 a report of `report_tokens` tokens). stock: plain Generator, SDPA vision
@@ -226,6 +227,21 @@ def bench_decode(model: OmniAbnormCT, tokenizer, image_processor, scale: Scale, 
         clock = StepClock(generator.eos_id, device, scale.decode_tokens)
         generator.generate([prompt], scale.decode_tokens, LogitsProcessorList([clock]))
     checks["decode_b1_tokens_per_s_lora_merged"] = clock.rate(1)
+    merged_tokens = generator.generate([prompt], scale.decode_tokens)[0].token_ids
+    if device.type == "cuda":  # and with the blocks compiled inside the graph (compilation in the first call)
+        try:
+            generator = Generator(model, tokenizer, image_processor, device,
+                                  dataclasses.replace(fast_settings(graphs, reuse=False), compile_blocks=True))
+            for _ in range(2):
+                clock = StepClock(generator.eos_id, device, scale.decode_tokens)
+                generator.generate([prompt], scale.decode_tokens, LogitsProcessorList([clock]))
+            checks["decode_b1_tokens_per_s_lora_merged_compiled"] = clock.rate(1)
+            compiled_tokens = generator.generate([prompt], scale.decode_tokens)[0].token_ids
+            checks["decode_compiled_tokens_equal_eager"] = bool(torch.equal(compiled_tokens, merged_tokens))
+        except Exception as err:  # noqa: BLE001 - an untried combination must not cost the other rows
+            checks["decode_compiled_error"] = f"{type(err).__name__}: {err}"[:2000]
+        finally:
+            compile_blocks(model.vlm, compiled=False)
     if profile is not None:  # where a batch-1 step's time goes: the loop's kernels, run without graphs
         generator = Generator(model, tokenizer, image_processor, device, fast_settings(False, reuse=False))
         with profiled(device) as prof:

@@ -29,7 +29,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from dataset.conversation import Turn, encode
 from dataset.vision import VisionPreprocessor
 from inference.decoding import StaticDecoder
-from model.omniabnorm import OmniAbnormCT, merge_lora
+from model.omniabnorm import OmniAbnormCT, compile_blocks, merge_lora
 
 
 @dataclass
@@ -57,6 +57,9 @@ class DecodeSettings:
     cuda_graphs: bool = True  # static loop on CUDA: each decode step replayed as a CUDA graph
     merge_lora: bool = False  # add the LoRA updates into the base weights once (changes the model in place)
     reuse_image_features: bool = False  # run the vision tower once per distinct image, not once per forward
+    # torch.compile each decoder layer and vision block (model.omniabnorm.compile_blocks; changes the model in place):
+    # the static loop's CUDA graph then replays the compiled, fused kernels. Not yet measured on a GPU.
+    compile_blocks: bool = False
 
     def __post_init__(self) -> None:
         if self.loop not in ("transformers", "static"):
@@ -97,6 +100,8 @@ class Generator:
             if self.settings.loop == "static" else None
         if self.settings.merge_lora:
             merge_lora(model.vlm)
+        if self.settings.compile_blocks:
+            compile_blocks(model.vlm)
 
     def encode(self, prompt: Prompt) -> EncodedPrompt:
         return self.encode_all([prompt])[0]

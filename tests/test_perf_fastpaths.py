@@ -253,6 +253,26 @@ def test_static_loop_gives_the_tokens_and_scores_of_generate(tiny):
         DecodeSettings(loop="compiled")
 
 
+@pytest.mark.slow
+def test_static_loop_with_compiled_blocks_gives_the_same_scores(tiny):
+    """DecodeSettings(compile_blocks=True): the prefill and the decode steps through compiled blocks (two shapes)
+    give the eager loop's scores at every step."""
+    model, tokenizer, _, _ = tiny
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    eager_scores, compiled_scores = StopAt(eos, []), StopAt(eos, [])
+    eager = _greedy(tiny, DecodeSettings(loop="static"), processor=eager_scores)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    try:
+        assert _greedy(tiny, DecodeSettings(loop="static", compile_blocks=True), processor=compiled_scores) == eager
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # compiled, not silently eager
+        for ours, theirs in zip(compiled_scores.scores, eager_scores.scores, strict=True):
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    finally:
+        compile_blocks(model.vlm, compiled=False)
+        torch._dynamo.reset()
+
+
 def test_merged_lora_gives_the_scores_of_the_adapters(tmp_path):
     """`merge_lora` adds B·A·scale into the base weights: every step's scores stay those of the unmerged model (a
     model of its own: merging changes it in place)."""
