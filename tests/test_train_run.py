@@ -96,6 +96,20 @@ def test_kill_and_resume_repeats_the_losses(full_run, tmp_path):
     assert losses(out) == losses(full_run)  # exact, every step (the seg module first trains after the resume)
 
 
+@pytest.mark.slow
+def test_finishing_in_the_step_or_in_a_worker_gives_the_same_losses(tmp_path):
+    """data.finish_on with augmentation on: the batches finished in the training step (device, here the CPU) and in
+    a DataLoader worker process give the same losses at every step."""
+    runs = {}
+    for where, workers in (("device", 0), ("worker", 1)):
+        out = tmp_path / where
+        run_in_process(out, "max_steps=3", "data.tasks={grounding: 4}", "data.augment=true", f"data.finish_on={where}",
+                       f"data.num_workers={workers}")
+        runs[where] = losses(out)
+        assert all(m["tasks"] == ["grounding"] for m in read_metrics(out))  # every step segments and augments
+    assert sorted(runs["device"]) == [1, 2, 3] and runs["device"] == runs["worker"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
