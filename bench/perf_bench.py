@@ -149,6 +149,20 @@ def synchronize(device: torch.device) -> None:
 # ---------------------------------------------------------------------------------------------------------- vision
 
 @torch.no_grad()
+@contextlib.contextmanager
+def blocks_compiled(vlm, checks: dict, section: str):
+    """The body runs with the blocks compiled (model.omniabnorm.compile_blocks), eagerly again after. An error in it
+    is recorded as `checks[section + "_compiled_error"]` and ends only the body: an untried combination must not
+    cost the section's other rows."""
+    compile_blocks(vlm)
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - see the docstring
+        checks[f"{section}_compiled_error"] = f"{type(err).__name__}: {err}"[:2000]
+    finally:
+        compile_blocks(vlm, compiled=False)
+
+
 def bench_vision(model: OmniAbnormCT, scale: Scale, device: torch.device) -> tuple[dict, dict]:
     """Images/s of the vision tower on `vision_batch` random 504² images (36 × 36 patches), both attentions."""
     vlm = model.vlm
@@ -171,15 +185,10 @@ def bench_vision(model: OmniAbnormCT, scale: Scale, device: torch.device) -> tup
         rates[path], outputs[path] = images_per_s()
     checks = {"vision_max_abs_diff": float((outputs["ours"].float() - outputs["stock"].float()).abs().max())}
     if device.type == "cuda":  # ours with the blocks compiled as well
-        compile_blocks(vlm)
-        try:
+        with blocks_compiled(vlm, checks, "vision"):
             rate, features = images_per_s()
             checks["vision_images_per_s_ours_compiled"] = rate
             checks["vision_compiled_max_abs_diff"] = float((features.float() - outputs["ours"].float()).abs().max())
-        except Exception as err:  # noqa: BLE001 - an untried combination must not cost the other rows
-            checks["vision_compiled_error"] = f"{type(err).__name__}: {err}"[:2000]
-        finally:
-            compile_blocks(vlm, compiled=False)
     set_vision_attention(vlm, model.config.vision_attention)
     return {"vision_images_per_s": rates}, checks
 
@@ -235,27 +244,21 @@ def bench_decode(model: OmniAbnormCT, tokenizer, image_processor, scale: Scale, 
     # Ours at batch 1 with the LoRA update merged into the base weights (peft's merge): what merging would add.
     lora = lora_layers(model.vlm)
     base = [layer.get_base_layer().weight.clone() for layer in lora]  # unmerging in bf16 would not restore them
-    generator = Generator(model, tokenizer, image_processor, device,
-                          dataclasses.replace(fast_settings(graphs, reuse=False), merge_lora=True))
-    for _ in range(2):
-        clock = StepClock(generator.eos_id, device, scale.decode_tokens)
-        generator.generate([prompt], scale.decode_tokens, LogitsProcessorList([clock]))
-    checks["decode_b1_tokens_per_s_lora_merged"] = clock.rate(1)
-    merged_tokens = generator.generate([prompt], scale.decode_tokens)[0].token_ids
-    if device.type == "cuda":  # and with the blocks compiled inside the graph (compilation in the first call)
-        try:
-            generator = Generator(model, tokenizer, image_processor, device,
-                                  dataclasses.replace(fast_settings(graphs, reuse=False), compile_blocks=True))
-            for _ in range(2):
-                clock = StepClock(generator.eos_id, device, scale.decode_tokens)
-                generator.generate([prompt], scale.decode_tokens, LogitsProcessorList([clock]))
-            checks["decode_b1_tokens_per_s_lora_merged_compiled"] = clock.rate(1)
-            compiled_tokens = generator.generate([prompt], scale.decode_tokens)[0].token_ids
+    def batch_1(settings: DecodeSettings) -> tuple[float, torch.Tensor]:
+        """Tokens/s at batch 1 (the second of two calls: the first captures and compiles) and the greedy tokens."""
+        generator = Generator(model, tokenizer, image_processor, device, settings)
+        for _ in range(2):
+            clock = StepClock(generator.eos_id, device, scale.decode_tokens)
+            generator.generate([prompt], scale.decode_tokens, LogitsProcessorList([clock]))
+        return clock.rate(1), generator.generate([prompt], scale.decode_tokens)[0].token_ids
+
+    merged = dataclasses.replace(fast_settings(graphs, reuse=False), merge_lora=True)
+    checks["decode_b1_tokens_per_s_lora_merged"], merged_tokens = batch_1(merged)
+    if device.type == "cuda":  # and with the blocks compiled inside the graph (the LoRA update stays merged)
+        with blocks_compiled(model.vlm, checks, "decode"):
+            rate, compiled_tokens = batch_1(dataclasses.replace(merged, merge_lora=False))
+            checks["decode_b1_tokens_per_s_lora_merged_compiled"] = rate
             checks["decode_compiled_tokens_equal_eager"] = bool(torch.equal(compiled_tokens, merged_tokens))
-        except Exception as err:  # noqa: BLE001 - an untried combination must not cost the other rows
-            checks["decode_compiled_error"] = f"{type(err).__name__}: {err}"[:2000]
-        finally:
-            compile_blocks(model.vlm, compiled=False)
     if profile is not None:  # where a batch-1 step's time goes: the loop's kernels, run without graphs
         generator = Generator(model, tokenizer, image_processor, device, fast_settings(False, reuse=False))
         with profiled(device) as prof:
@@ -486,17 +489,12 @@ def bench_train(model: OmniAbnormCT, tokenizer, image_processor, scale: Scale, d
     checks = {"train_micro_batch_ours": micro, "liger_kernel": losses.LigerFusedLinearCrossEntropyLoss is not None,
               "train_samples_per_s_ours_packed": packed["samples_per_s"], "train_mfu_pct_ours_packed": packed["mfu_pct"]}
     if device.type == "cuda":  # inductor's CPU code says nothing about the GPU, and compiling costs the CI minutes
-        compile_blocks(vlm)
-        try:
+        with blocks_compiled(vlm, checks, "train"):
             compiled = time_training(model, batches(samples, micro, warmup + scale.train_steps, 1, pad, device),
                                      warmup, device, finisher)
             checks["train_samples_per_s_ours_packed_compiled"] = compiled["samples_per_s"]
             checks["train_mfu_pct_ours_packed_compiled"] = compiled["mfu_pct"]
-        except Exception as err:  # noqa: BLE001 - an untried combination must not cost the other rows
-            checks["train_compiled_error"] = f"{type(err).__name__}: {err}"[:2000]
-            model.zero_grad(set_to_none=True)
-        finally:
-            compile_blocks(vlm, compiled=False)
+        model.zero_grad(set_to_none=True)  # a failed step may have left gradients
     # One batch: the loss of the packed row against the padded batch, and the CE of the fast path (Liger on CUDA
     # when installed) against full logits.
     batch = finisher(batches(samples, micro, 1, 1, pad, device)[0][0], device)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from bench.perf_bench import ROWS, complete, main, markdown_table
+from bench.perf_bench import ROWS, blocks_compiled, complete, main, markdown_table
 
 
 def test_table_has_ratios_and_percent_of_limit():
@@ -23,6 +23,22 @@ def test_table_has_ratios_and_percent_of_limit():
         "| grounded report, batch 1 | s/case | 1 | 0.25 | 0.25 (lower is better) | — | ≤ 0.25 |",
         "| CPU per prepared training sample (1 core) | ms | — | 14 | — | — | < 20 |",
     ]
+
+
+def test_a_failing_compiled_trial_is_recorded_and_the_blocks_run_eagerly_again(tiny):
+    """The CUDA-only compiled timings: an error inside is recorded in the checks, not raised, and compilation is
+    undone either way (the stock path measured after must not run compiled blocks)."""
+    vlm = tiny[0].vlm
+    blocks = [*vlm.model.language_model.layers, *vlm.model.visual.blocks]
+    checks = {}
+    with blocks_compiled(vlm, checks, "train"):
+        assert all(block._compiled_call_impl is not None for block in blocks)
+        raise RuntimeError("no kernel for this")
+    assert checks == {"train_compiled_error": "RuntimeError: no kernel for this"}
+    assert all(block._compiled_call_impl is None for block in blocks)
+    with blocks_compiled(vlm, checks, "vision"):
+        checks["vision_images_per_s_ours_compiled"] = 1.0
+    assert "vision_compiled_error" not in checks and all(block._compiled_call_impl is None for block in blocks)
 
 
 @pytest.mark.slow
