@@ -49,7 +49,8 @@ class VisionPreprocessor:
         if p.do_normalize:
             table = p.normalize(table, p.image_mean, p.image_std)
         self.table = np.ascontiguousarray(table, dtype=np.float32).reshape(CHANNELS, 256)
-        self._tables: dict[torch.device, torch.Tensor] = {}  # the table on each device values() has run on
+        # per device values() has run on: the flattened table, and each code position's channel offset c·256 in it
+        self._lookup: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def target_size(self, height: int, width: int) -> tuple[int, int]:
         """(height, width) of the resized image, multiples of patch_size · merge_size."""
@@ -103,12 +104,11 @@ class VisionPreprocessor:
         if codes.dtype != torch.uint8 or codes.ndim != 2 or codes.shape[1] != CHANNELS * p * p:
             raise ValueError(f"expected (patches, {CHANNELS * p * p}) uint8 pixel codes, got {codes.dtype} "
                              f"{tuple(codes.shape)}")
-        table = self._tables.get(codes.device)
-        if table is None:
-            table = self._tables[codes.device] = torch.from_numpy(self.table).to(codes.device)
-        # channel c's value v is entry c·256 + v of the flattened table
-        offsets = torch.arange(CHANNELS, device=codes.device).repeat_interleave(p * p) * 256
-        values = table.view(-1)[codes.long() + offsets]
+        if codes.device not in self._lookup:
+            self._lookup[codes.device] = (torch.from_numpy(self.table).to(codes.device).view(-1),
+                                          torch.arange(CHANNELS, device=codes.device).repeat_interleave(p * p) * 256)
+        table, offsets = self._lookup[codes.device]
+        values = table[codes.long() + offsets]
         return values.view(-1, CHANNELS, 1, p * p).expand(-1, CHANNELS, t, p * p).reshape(-1, CHANNELS * t * p * p)
 
     def __call__(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:

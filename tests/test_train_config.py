@@ -54,6 +54,7 @@ def test_overrides_are_typed_and_dotted():
     (["data.tasks.segmentation=5"], "unknown task 'segmentation'"),
     (["data.tasks={grounding: 0}"], "at least one task needs a quota > 0"),
     (["data.phantom=null"], "data.root is empty"),
+    (["data.finish_on=gpu"], "data.finish_on must be 'device' or 'worker', got 'gpu'"),
     (["model.lora={r: 4}"], "set model.lora: null"),  # the phantom config trains the whole language model
     (["micro_batch_size=0"], "micro_batch_size must be ≥ 1"),
     (["optim.warmup_ratio=1.5"], "optim.warmup_ratio must be in [0, 1)"),
