@@ -191,9 +191,9 @@ class SegAugment:
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """→ (image float32 (S, H, W), masks float32 (N, H, W) exactly 0/1) on the inputs' device; the inputs are
         not modified. `seed`: 0 ≤ seed < 2³²."""
-        image = torch.as_tensor(image).to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-        masks = torch.as_tensor(masks).to(image.device, torch.float32, memory_format=torch.contiguous_format,
-                                          copy=True)
+        # No copy: every step writes new tensors (tests/test_augment.py checks the inputs stay as they were).
+        image = torch.as_tensor(image).to(torch.float32, memory_format=torch.contiguous_format)
+        masks = torch.as_tensor(masks).to(image.device, torch.float32, memory_format=torch.contiguous_format)
         if image.ndim != 3 or image.shape[0] % 2 == 0:
             raise ValueError(f"expected an (S, H, W) slice stack with odd S (key in the centre), got {tuple(image.shape)}")
         if masks.ndim != 3 or masks.shape[1:] != image.shape[1:]:
