@@ -17,11 +17,13 @@ Sections, and what "stock" and "ours" are in each:
 - decode: greedy tokens/s after the prefill, batch 1 and 32 (one 512² slice + the grounded instruction each).
   stock: transformers' generate() with its dynamic KV cache; ours: inference/decoding.py, a static KV cache and, on
   CUDA, the decode step replayed as a CUDA graph. The checks add batch 1 with the LoRA update merged and, on CUDA,
-  with the blocks compiled as well (`DecodeSettings.compile_blocks`).
+  with the step's decoder layers compiled as well (`DecodeSettings.compile_step`), its scores at each step compared
+  with the eager run's on the eager run's tokens.
 - grounded: the two-round grounded flow of inference/pipeline.py, s/case at batch 1 and cases/s batched (phantom
   DICOM-like slice folders; random weights would never emit `<SEG>`, so the replies are scripted through the real
   generate loop: round 1 `<SEG>`, round 2 a report of `report_tokens` tokens). stock: plain Generator, SDPA vision
-  loop; ours: image features reused, varlen vision, the static loop (+ CUDA graphs on CUDA).
+  loop; ours: `DecodeSettings.fast()` (what `--fast` runs: the static loop, CUDA graphs on CUDA, LoRA merged, image
+  features reused) and varlen vision; on CUDA the checks add ours with the decode step compiled (`*_compiled`).
 - train: the released recipe (LoRA r 32 / α 16 on q/v, `<SEG>` rows, segmentation module, AdamW, clip 0.3, bf16
   autocast) on the five released tasks in turn. stock: HF style — micro-batch 1 × 4 accumulation, gradient
   checkpointing, full embedding and output head trained (as the release did), full-vocabulary logits, SDPA vision
@@ -148,17 +150,24 @@ def synchronize(device: torch.device) -> None:
 
 # ---------------------------------------------------------------------------------------------------------- vision
 
-@torch.no_grad()
 @contextlib.contextmanager
-def blocks_compiled(vlm, checks: dict, section: str):
-    """The body runs with the blocks compiled (model.omniabnorm.compile_blocks), eagerly again after. An error in it
-    is recorded as `checks[section + "_compiled_error"]` and ends only the body: an untried combination must not
-    cost the section's other rows."""
-    compile_blocks(vlm)
+def trial(checks: dict, name: str):
+    """An error in the body is recorded as `checks[name + "_error"]` and ends only the body: an untried combination
+    (the compiled paths, measured on CUDA only) must not cost the section's other rows."""
     try:
         yield
     except Exception as err:  # noqa: BLE001 - see the docstring
-        checks[f"{section}_compiled_error"] = f"{type(err).__name__}: {err}"[:2000]
+        checks[f"{name}_error"] = f"{type(err).__name__}: {err}"[:2000]
+
+
+@contextlib.contextmanager
+def blocks_compiled(vlm, checks: dict, section: str):
+    """A `trial` named `<section>_compiled` with the blocks compiled (model.omniabnorm.compile_blocks), eagerly again
+    after."""
+    compile_blocks(vlm)
+    try:
+        with trial(checks, f"{section}_compiled"):
+            yield
     finally:
         compile_blocks(vlm, compiled=False)
 
@@ -216,8 +225,34 @@ class StepClock(LogitsProcessor):
         return batch * (self.steps - 2) / (self.times[-1] - self.times[0])
 
 
+class ScoreLog(LogitsProcessor):
+    """Keeps a copy of each step's scores as they come from the model (put it before any processor that edits them)."""
+
+    def __init__(self):
+        self.scores = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.scores.append(scores.float().clone())
+        return scores
+
+
 def fast_settings(graphs: bool, reuse: bool) -> DecodeSettings:
     return DecodeSettings(loop="static", cuda_graphs=graphs, reuse_image_features=reuse)
+
+
+@contextlib.contextmanager
+def lora_restored(model: OmniAbnormCT):
+    """The body may merge the LoRA updates into the base weights (DecodeSettings.merge_lora); after it the base
+    weights are the original ones again (copied back: unmerging in bf16 would not restore them exactly)."""
+    lora = lora_layers(model.vlm)
+    base = [layer.get_base_layer().weight.clone() for layer in lora]
+    try:
+        yield
+    finally:
+        for layer, weight in zip(lora, base):
+            if layer.merged:
+                layer.unmerge()
+            layer.get_base_layer().weight.data.copy_(weight)
 
 
 @torch.no_grad()
@@ -241,32 +276,39 @@ def bench_decode(model: OmniAbnormCT, tokenizer, image_processor, scale: Scale, 
         clock = StepClock(generator.eos_id, device, scale.decode_tokens)
         out = generator.generate([prompt], scale.decode_tokens, LogitsProcessorList([clock]))
         checks["decode_graph_tokens_equal_no_graph"] = bool(torch.equal(out[0].token_ids, tokens["ours"]))
-    # Ours at batch 1 with the LoRA update merged into the base weights (peft's merge): what merging would add.
-    lora = lora_layers(model.vlm)
-    base = [layer.get_base_layer().weight.clone() for layer in lora]  # unmerging in bf16 would not restore them
-    def batch_1(settings: DecodeSettings) -> tuple[float, torch.Tensor]:
-        """Tokens/s at batch 1 (the second of two calls: the first captures and compiles) and the greedy tokens."""
+    def batch_1(settings: DecodeSettings, script: list[int] | None = None) -> tuple[float, torch.Tensor, torch.Tensor]:
+        """Tokens/s at batch 1 (the second of two calls: the first captures and compiles), then one more call: its
+        greedy tokens (`script`'s, when given) and the model's scores at each step, (T, V) fp32."""
         generator = Generator(model, tokenizer, image_processor, device, settings)
         for _ in range(2):
             clock = StepClock(generator.eos_id, device, scale.decode_tokens)
             generator.generate([prompt], scale.decode_tokens, LogitsProcessorList([clock]))
-        return clock.rate(1), generator.generate([prompt], scale.decode_tokens)[0].token_ids
+        log = ScoreLog()
+        forced = [] if script is None else [Script([script], generator.eos_id)]
+        out = generator.generate([prompt], scale.decode_tokens, LogitsProcessorList([log, *forced]))
+        return clock.rate(1), out[0].token_ids, torch.cat(log.scores)
 
-    merged = dataclasses.replace(fast_settings(graphs, reuse=False), merge_lora=True)
-    checks["decode_b1_tokens_per_s_lora_merged"], merged_tokens = batch_1(merged)
-    if device.type == "cuda":  # and with the blocks compiled inside the graph (the LoRA update stays merged)
-        with blocks_compiled(model.vlm, checks, "decode"):
-            rate, compiled_tokens = batch_1(dataclasses.replace(merged, merge_lora=False))
-            checks["decode_b1_tokens_per_s_lora_merged_compiled"] = rate
-            checks["decode_compiled_tokens_equal_eager"] = bool(torch.equal(compiled_tokens, merged_tokens))
-    if profile is not None:  # where a batch-1 step's time goes: the loop's kernels, run without graphs
-        generator = Generator(model, tokenizer, image_processor, device, fast_settings(False, reuse=False))
-        with profiled(device) as prof:
-            generator.generate([prompt], 16, LogitsProcessorList([StepClock(generator.eos_id, device, 16)]))
-        write_profile(prof, device, profile / "decode_b1_lora_merged.txt")
-    for layer, weight in zip(lora, base):
-        layer.unmerge()
-        layer.get_base_layer().weight.data.copy_(weight)
+    with lora_restored(model):  # ours at batch 1 with the LoRA update merged into the base weights (peft's merge)
+        merged = dataclasses.replace(fast_settings(graphs, reuse=False), merge_lora=True)
+        checks["decode_b1_tokens_per_s_lora_merged"], merged_tokens, merged_scores = batch_1(merged)
+        if device.type == "cuda":  # and with the step's decoder layers compiled, inside the graph
+            with trial(checks, "decode_compiled"):
+                # Fed the eager run's tokens: bf16 rounding differs in fused kernels and random weights have
+                # near-ties, so free-running tokens part at the first tie; each step's scores are comparable.
+                rate, _, scores = batch_1(dataclasses.replace(merged, compile_step=True),
+                                          script=merged_tokens.tolist())
+                steps = min(len(scores), len(merged_scores))
+                scores, reference = scores[:steps], merged_scores[:steps]
+                checks["decode_b1_tokens_per_s_lora_merged_compiled"] = rate
+                checks["decode_compiled_max_abs_score_diff"] = float((scores - reference).abs().max())
+                checks["decode_score_abs_max"] = float(reference.abs().max())
+                checks["decode_compiled_top1_agreement"] = float(
+                    (scores.argmax(-1) == reference.argmax(-1)).float().mean())
+        if profile is not None:  # where a batch-1 step's time goes: the loop's kernels, run without graphs
+            generator = Generator(model, tokenizer, image_processor, device, fast_settings(False, reuse=False))
+            with profiled(device) as prof:
+                generator.generate([prompt], 16, LogitsProcessorList([StepClock(generator.eos_id, device, 16)]))
+            write_profile(prof, device, profile / "decode_b1_lora_merged.txt")
     return rows, checks
 
 
@@ -313,24 +355,40 @@ def bench_grounded(model: OmniAbnormCT, tokenizer, image_processor, scale: Scale
     cases = [Case(str(folders[i % len(folders)]), task="grounded") for i in range(2 * scale.grounded_batch)]
     seg_id = tokenizer.convert_tokens_to_ids("<SEG>")
     script = {"first": [seg_id], "second": report_script(tokenizer, scale.report_tokens)}
-    rows, texts = {}, {}
-    for path, attention, settings in (("stock", "sdpa", DecodeSettings()),
-                                      ("ours", "varlen", fast_settings(graphs, reuse=True))):
-        set_vision_attention(model.vlm, attention)
+    ours = dataclasses.replace(DecodeSettings.fast(), cuda_graphs=graphs)
+
+    def timed_runs(settings: DecodeSettings) -> tuple[dict, list]:
+        """{row key: s/case at batch 1 | cases/s batched} and the batched run's (report, findings) per case."""
+        rates = {}
         for batch, key in ((1, "grounded_b1_s_per_case"), (scale.grounded_batch, "grounded_batched_cases_per_s")):
             pipe = OmniAbnormPipeline(model, tokenizer, image_processor, device=device, batch_size=batch,
                                       max_new_tokens=scale.report_tokens + 8)
             pipe.generator = ScriptedGenerator(pipe.model, tokenizer, image_processor, device, settings, **script)
             timed = cases[:scale.grounded_cases] if batch == 1 else cases
+            warm_up = time.perf_counter()
             pipe.run(timed[:batch])  # warm-up: compilation, allocations
             synchronize(device)
             start = time.perf_counter()
             reports = pipe.run(timed)
             elapsed = time.perf_counter() - start
-            rows.setdefault(key, {})[path] = elapsed / len(timed) if batch == 1 else len(timed) / elapsed
-            texts[path] = [(r.text, len(r.findings)) for r in reports]
+            rates[key] = elapsed / len(timed) if batch == 1 else len(timed) / elapsed
+            print(f"[grounded, batch {batch}: {rates[key]:.3g}, warm-up {start - warm_up:.0f} s]", flush=True)
+        return rates, [(r.text, len(r.findings)) for r in reports]
+
+    rows, texts, checks = {}, {}, {}
+    with lora_restored(model):
+        for path, attention, settings in (("stock", "sdpa", DecodeSettings()), ("ours", "varlen", ours)):
+            set_vision_attention(model.vlm, attention)
+            rates, texts[path] = timed_runs(settings)
+            for key, rate in rates.items():
+                rows.setdefault(key, {})[path] = rate
+        if device.type == "cuda":  # ours with the decode step compiled as well
+            with trial(checks, "grounded_compiled"):
+                rates, compiled_texts = timed_runs(dataclasses.replace(ours, compile_step=True))
+                checks.update({f"{key}_compiled": rate for key, rate in rates.items()})
+                checks["grounded_compiled_reports_equal"] = compiled_texts == texts["ours"]
     set_vision_attention(model.vlm, model.config.vision_attention)
-    return rows, {"grounded_reports_equal": texts["stock"] == texts["ours"]}
+    return rows, {"grounded_reports_equal": texts["stock"] == texts["ours"], **checks}
 
 
 # ----------------------------------------------------------------------------------------------------------- train
@@ -356,7 +414,7 @@ def flop_counts(model: OmniAbnormCT) -> tuple[int, int]:
 
 
 def time_training(model: OmniAbnormCT, groups: list[list[dict]], warmup: int, device: torch.device,
-                  finisher: BatchFinisher) -> dict:
+                  finisher: BatchFinisher, label: str) -> dict:
     """Optimizer steps over `groups` (each: its collated micro-batches, gradients accumulated), the first `warmup`
     untimed (one per task, so no timed step is the first with its shapes). Each step finishes its batches on the
     device (pixel values, augmentation), as training/loop.py does. Token counts are read before the clock starts: a
@@ -389,10 +447,12 @@ def time_training(model: OmniAbnormCT, groups: list[list[dict]], warmup: int, de
     synchronize(device)
     elapsed = time.perf_counter() - start
     cuda = device.type == "cuda"
-    return {"samples_per_s": samples / elapsed,
-            "mfu_pct": 100 * flops / elapsed / H100_BF16_FLOPS if cuda else None,
-            "peak_gb": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
-            "padding_pct": 100 * (1 - tokens / slots)}
+    result = {"samples_per_s": samples / elapsed,
+              "mfu_pct": 100 * flops / elapsed / H100_BF16_FLOPS if cuda else None,
+              "peak_gb": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+              "padding_pct": 100 * (1 - tokens / slots)}
+    print(f"[train, {label}: {result}]", flush=True)  # the section's JSON is written at its end; a run cut short keeps this
+    return result
 
 
 def profiled(device: torch.device):
@@ -473,7 +533,7 @@ def bench_train(model: OmniAbnormCT, tokenizer, image_processor, scale: Scale, d
     while True:
         try:
             ours = time_training(model, batches(samples, micro, warmup + scale.train_steps, 1, pad, device), warmup,
-                                 device, finisher)
+                                 device, finisher, "ours")
             break
         except torch.OutOfMemoryError:
             if micro == 1:
@@ -485,13 +545,13 @@ def bench_train(model: OmniAbnormCT, tokenizer, image_processor, scale: Scale, d
                          profile / "train_steps.txt")
     set_packed_sequences(model, True)
     packed = time_training(model, batches(samples, micro, warmup + scale.train_steps, 1, pad, device), warmup,
-                           device, finisher)
+                           device, finisher, "ours packed")
     checks = {"train_micro_batch_ours": micro, "liger_kernel": losses.LigerFusedLinearCrossEntropyLoss is not None,
               "train_samples_per_s_ours_packed": packed["samples_per_s"], "train_mfu_pct_ours_packed": packed["mfu_pct"]}
     if device.type == "cuda":  # inductor's CPU code says nothing about the GPU, and compiling costs the CI minutes
         with blocks_compiled(vlm, checks, "train"):
             compiled = time_training(model, batches(samples, micro, warmup + scale.train_steps, 1, pad, device),
-                                     warmup, device, finisher)
+                                     warmup, device, finisher, "ours packed, blocks compiled")
             checks["train_samples_per_s_ours_packed_compiled"] = compiled["samples_per_s"]
             checks["train_mfu_pct_ours_packed_compiled"] = compiled["mfu_pct"]
         model.zero_grad(set_to_none=True)  # a failed step may have left gradients
@@ -516,7 +576,7 @@ def bench_train(model: OmniAbnormCT, tokenizer, image_processor, scale: Scale, d
         layer.weight.data = layer.weight.data.float()
         layer.weight.requires_grad_(True)
     stock = time_training(model, batches(samples, 1, warmup + scale.train_steps, 4, pad, device), warmup, device,
-                          finisher)
+                          finisher, "stock")
     checks["train_padding_pct_ours"] = ours["padding_pct"]  # token slots the packed run does not spend
     rows = {"train_samples_per_s": {"stock": stock["samples_per_s"], "ours": ours["samples_per_s"]},
             "train_mfu_pct": {"stock": stock["mfu_pct"], "ours": ours["mfu_pct"]},

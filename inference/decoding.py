@@ -21,11 +21,14 @@ each of the three rope sections (Qwen2.5-VL's 3D positions make that differ from
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 
 import torch
 from torch import Tensor
 from transformers import StaticCache
+
+from model.omniabnorm import calls_in_use, compiled_calls
 
 CACHE_BUCKET = 256  # cache slots are rounded up to a multiple of this: few shapes, few graphs
 MAX_SHAPES = 4  # (batch, slots) caches and graphs kept; the least recently used beyond this is dropped
@@ -48,12 +51,15 @@ class _DecodeState:
 
 
 class StaticDecoder:
-    """Greedy decoding of a left-padded batch; `use_graphs` captures the decode step on CUDA."""
+    """Greedy decoding of a left-padded batch; `use_graphs` captures the decode step on CUDA; `compile_step` runs the
+    step's decoder layers through torch.compile (the prefill stays eager: a new prompt length compiles nothing)."""
 
-    def __init__(self, vlm, eos_id: int, use_graphs: bool):
+    def __init__(self, vlm, eos_id: int, use_graphs: bool, compile_step: bool = False):
         self.vlm = vlm
         self.eos_id = eos_id
         self.use_graphs = use_graphs
+        self._layers = list(vlm.model.language_model.layers)
+        self._step_calls = compiled_calls(self._layers) if compile_step else None
         self._states: OrderedDict[tuple[int, int], _DecodeState] = OrderedDict()
 
     @torch.no_grad()
@@ -121,9 +127,10 @@ class StaticDecoder:
     def _forward(self, state: _DecodeState) -> Tensor:
         """One decode step on the state's buffers → scores (B, V) of the next token."""
         language_model = self.vlm.model.language_model
-        hidden = language_model(inputs_embeds=language_model.embed_tokens(state.token), position_ids=state.positions,
-                                attention_mask={"full_attention": state.key_mask},
-                                past_key_values=state.cache, use_cache=True).last_hidden_state
+        with calls_in_use(self._layers, self._step_calls) if self._step_calls else contextlib.nullcontext():
+            hidden = language_model(inputs_embeds=language_model.embed_tokens(state.token),
+                                    position_ids=state.positions, attention_mask={"full_attention": state.key_mask},
+                                    past_key_values=state.cache, use_cache=True).last_hidden_state
         return self.vlm.lm_head(hidden[:, -1])
 
     def _step(self, state: _DecodeState, device: torch.device) -> Tensor:

@@ -29,7 +29,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from dataset.conversation import Turn, encode
 from dataset.vision import VisionPreprocessor
 from inference.decoding import StaticDecoder
-from model.omniabnorm import OmniAbnormCT, compile_blocks, merge_lora
+from model.omniabnorm import OmniAbnormCT, merge_lora
 
 
 @dataclass
@@ -57,13 +57,16 @@ class DecodeSettings:
     cuda_graphs: bool = True  # static loop on CUDA: each decode step replayed as a CUDA graph
     merge_lora: bool = False  # add the LoRA updates into the base weights once (changes the model in place)
     reuse_image_features: bool = False  # run the vision tower once per distinct image, not once per forward
-    # torch.compile each decoder layer and vision block (model.omniabnorm.compile_blocks; changes the model in place):
-    # the static loop's CUDA graph then replays the compiled, fused kernels. Not yet measured on a GPU.
-    compile_blocks: bool = False
+    # static loop: its decode step runs the decoder layers through torch.compile (on CUDA its graph replays the
+    # fused kernels). The prefill, vision tower and <SEG> forward stay eager: their shapes change with every prompt,
+    # and recompiling for each cost more than it saved (docs/performance.md).
+    compile_step: bool = False
 
     def __post_init__(self) -> None:
         if self.loop not in ("transformers", "static"):
             raise ValueError(f"loop must be transformers or static, got {self.loop!r}")
+        if self.compile_step and self.loop != "static":
+            raise ValueError("compile_step needs loop='static'")
 
     @classmethod
     def fast(cls) -> DecodeSettings:
@@ -96,12 +99,10 @@ class Generator:
         self.image_token_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
         self.eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
-        self.static = StaticDecoder(model.vlm, self.eos_id, self.settings.cuda_graphs) \
+        self.static = StaticDecoder(model.vlm, self.eos_id, self.settings.cuda_graphs, self.settings.compile_step) \
             if self.settings.loop == "static" else None
         if self.settings.merge_lora:
             merge_lora(model.vlm)
-        if self.settings.compile_blocks:
-            compile_blocks(model.vlm)
 
     def encode(self, prompt: Prompt) -> EncodedPrompt:
         return self.encode_all([prompt])[0]

@@ -7,6 +7,7 @@ stack. Training loss = w_ce·CE(assistant tokens) + w_dice·Dice + w_bce·BCE ov
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import math
@@ -160,16 +161,44 @@ def set_packed_sequences(model: OmniAbnormCT, packed: bool) -> None:
     model.vlm.model.language_model.config._attn_implementation = PACKED_ATTENTION if packed else "sdpa"
 
 
+def compiled_calls(modules: list[nn.Module]) -> list:
+    """The torch.compile'd call of each module, what `nn.Module.compile` would install, made once: installing them
+    (`use_calls`) is then an attribute write per module, where `nn.Module.compile` costs milliseconds per call.
+    Lazy: each compiles on its first call; sequence lengths that change between calls make the second shape compile
+    once more with dynamic sizes, then no more."""
+    # Dynamo specialises a decoder layer's graph on its index (its KV-cache slot), so a decode step compiles one graph
+    # per layer. At torch's default of 8 graphs per code object, the remaining layers would run eagerly without a
+    # word; 4 per module leaves room for dynamic shapes and the vision blocks as well.
+    limit = 4 * len(modules)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, limit)
+    return [torch.compile(module._call_impl) for module in modules]
+
+
+def use_calls(modules: list[nn.Module], calls: list) -> list:
+    """Make each module run calls[i] (one of `compiled_calls`, or None: eagerly) in place: parameter names, hooks and
+    wrappers stay as they are. → the calls they had before."""
+    previous = [module._compiled_call_impl for module in modules]
+    for module, call in zip(modules, calls, strict=True):
+        module._compiled_call_impl = call  # nn.Module's own slot for it; torch has no public way back to eager
+    return previous
+
+
+@contextlib.contextmanager
+def calls_in_use(modules: list[nn.Module], calls: list):
+    """Inside the body each module runs calls[i] (`use_calls`), after it what it ran before."""
+    previous = use_calls(modules, calls)
+    try:
+        yield
+    finally:
+        use_calls(modules, previous)
+
+
 def compile_blocks(vlm: Qwen2_5_VLForConditionalGeneration, compiled: bool = True) -> None:
-    """Compile each language-model decoder layer and each vision block in place (`nn.Module.compile`: parameter
-    names, hooks and wrappers stay as they are), or with `compiled=False` run them eagerly again. Lazy: each block
-    compiles on its first call; sequence lengths that change between batches make the second shape compile once
-    more with dynamic sizes, then no more."""
-    for block in [*vlm.model.language_model.layers, *vlm.model.visual.blocks]:
-        if compiled:
-            block.compile()
-        else:
-            block._compiled_call_impl = None  # what nn.Module.compile set; torch has no public way back
+    """Compile each language-model decoder layer and each vision block in place (regional compilation), or with
+    `compiled=False` run them eagerly again."""
+    blocks = [*vlm.model.language_model.layers, *vlm.model.visual.blocks]
+    use_calls(blocks, compiled_calls(blocks) if compiled else [None] * len(blocks))
 
 
 class OmniAbnormCT(nn.Module):
