@@ -350,20 +350,24 @@ def report_script(tokenizer, length: int) -> list[int]:
 
 
 def bench_grounded(model: OmniAbnormCT, tokenizer, image_processor, scale: Scale, device: torch.device,
-                   graphs: bool, phantom: Path) -> tuple[dict, dict]:
+                   graphs: bool, phantom: Path, profile: Path | None = None) -> tuple[dict, dict]:
     folders = sorted((phantom / "images").iterdir())
     cases = [Case(str(folders[i % len(folders)]), task="grounded") for i in range(2 * scale.grounded_batch)]
     seg_id = tokenizer.convert_tokens_to_ids("<SEG>")
     script = {"first": [seg_id], "second": report_script(tokenizer, scale.report_tokens)}
     ours = dataclasses.replace(DecodeSettings.fast(), cuda_graphs=graphs)
 
+    def pipeline(settings: DecodeSettings, batch: int) -> OmniAbnormPipeline:
+        pipe = OmniAbnormPipeline(model, tokenizer, image_processor, device=device, batch_size=batch,
+                                  max_new_tokens=scale.report_tokens + 8)
+        pipe.generator = ScriptedGenerator(pipe.model, tokenizer, image_processor, device, settings, **script)
+        return pipe
+
     def timed_runs(settings: DecodeSettings) -> tuple[dict, list]:
         """{row key: s/case at batch 1 | cases/s batched} and the batched run's (report, findings) per case."""
         rates = {}
         for batch, key in ((1, "grounded_b1_s_per_case"), (scale.grounded_batch, "grounded_batched_cases_per_s")):
-            pipe = OmniAbnormPipeline(model, tokenizer, image_processor, device=device, batch_size=batch,
-                                      max_new_tokens=scale.report_tokens + 8)
-            pipe.generator = ScriptedGenerator(pipe.model, tokenizer, image_processor, device, settings, **script)
+            pipe = pipeline(settings, batch)
             timed = cases[:scale.grounded_cases] if batch == 1 else cases
             warm_up = time.perf_counter()
             pipe.run(timed[:batch])  # warm-up: compilation, allocations
@@ -382,6 +386,10 @@ def bench_grounded(model: OmniAbnormCT, tokenizer, image_processor, scale: Scale
             rates, texts[path] = timed_runs(settings)
             for key, rate in rates.items():
                 rows.setdefault(key, {})[path] = rate
+        if profile is not None:  # where a batched run of ours spends its time (warm: timed_runs ran it)
+            with profiled_parts(model, device) as prof:
+                pipeline(ours, scale.grounded_batch).run(cases[:scale.grounded_batch])
+            write_profile(prof, device, profile / "grounded_batched.txt")
         if device.type == "cuda":  # ours with the decode step compiled as well
             with trial(checks, "grounded_compiled"):
                 rates, compiled_texts = timed_runs(dataclasses.replace(ours, compile_step=True))
@@ -469,11 +477,11 @@ def write_profile(prof, device: torch.device, path: Path) -> None:
     print(table, flush=True)
 
 
-def profile_training(model: OmniAbnormCT, groups: list[list[dict]], device: torch.device, finisher: BatchFinisher,
-                     path: Path) -> None:
-    """Forward and backward of `groups` (one per task) under torch.profiler → `path`, with the forward of the vision
-    tower, language model and segmentation module as named ranges (backward runs on autograd's own thread, so its
-    kernels show in the list but not under a range)."""
+@contextlib.contextmanager
+def profiled_parts(model: OmniAbnormCT, device: torch.device):
+    """torch.profiler over the body (synchronised at its end), each forward of the vision tower, language model and
+    segmentation module a named range `forward/<part>` (a backward runs on autograd's own thread, and a CUDA graph's
+    replay calls no module, so their kernels show in the list but not under a range). Yields the profile."""
     from torch.profiler import record_function
 
     vlm = model.vlm
@@ -484,8 +492,22 @@ def profile_training(model: OmniAbnormCT, groups: list[list[dict]], device: torc
         record_function(f"forward/{n}").__enter__())) for name, m in parts.items()]
     hooks += [m.register_forward_hook(lambda _m, _a, _o, n=name: ranges[n].pop().__exit__(None, None, None))
               for name, m in parts.items()]
+    try:
+        with profiled(device) as prof:
+            yield prof
+            synchronize(device)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def profile_training(model: OmniAbnormCT, groups: list[list[dict]], device: torch.device, finisher: BatchFinisher,
+                     path: Path) -> None:
+    """Forward and backward of `groups` (one per task) under `profiled_parts` → `path`."""
+    from torch.profiler import record_function
+
     params = [p for p in model.parameters() if p.requires_grad]
-    with profiled(device) as prof:
+    with profiled_parts(model, device) as prof:
         for batch in (batch for group in groups for batch in group):
             with record_function("finish_batch"):
                 batch = finisher(batch, device)
@@ -497,9 +519,6 @@ def profile_training(model: OmniAbnormCT, groups: list[list[dict]], device: torc
             with record_function("clip_and_zero"):
                 torch.nn.utils.clip_grad_norm_(params, 0.3)
                 model.zero_grad(set_to_none=True)
-        synchronize(device)
-    for hook in hooks:
-        hook.remove()
     write_profile(prof, device, path)
 
 
@@ -638,7 +657,7 @@ def run(scale: Scale, sections: tuple[str, ...], device: torch.device, work: Pat
         "vision": lambda: bench_vision(model, scale, device),
         "decode": lambda: bench_decode(model, tokenizer, image_processor, scale, device, graphs, profile),
         "grounded": lambda: bench_grounded(model, tokenizer, image_processor, scale, device, graphs,
-                                           phantom),
+                                           phantom, profile),
         "data": lambda: bench_data(scale, model),
         "train": lambda: bench_train(model, tokenizer, image_processor, scale, device, phantom, profile),
     }
@@ -665,8 +684,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", help="default: cuda when available, else cpu")
     parser.add_argument("--no-graphs", action="store_true", help="ours without CUDA graphs of the decode step")
     parser.add_argument("--profile", type=Path, metavar="DIR",
-                        help="also profile ours (torch.profiler tables in DIR): one training step per task, and 16 "
-                             "decode steps at batch 1")
+                        help="also profile ours (torch.profiler tables in DIR): one training step per task, 16 "
+                             "decode steps at batch 1, and one batch of the grounded flow")
     args = parser.parse_args(argv)
     sections = tuple(s.strip() for s in args.only.split(",") if s.strip())
     unknown = set(sections) - set(SECTIONS)
