@@ -23,7 +23,7 @@ Sections, and what "stock" and "ours" are in each:
   DICOM-like slice folders; random weights would never emit `<SEG>`, so the replies are scripted through the real
   generate loop: round 1 `<SEG>`, round 2 a report of `report_tokens` tokens). stock: plain Generator, SDPA vision
   loop; ours: `DecodeSettings.fast()` (what `--fast` runs: the static loop, CUDA graphs on CUDA, LoRA merged, image
-  features reused) and varlen vision; on CUDA the checks add ours with the decode step compiled (`*_compiled`).
+  features reused, `<SEG>` queries from the decode) and varlen vision; on CUDA the checks add ours with the decode step compiled (`*_compiled`).
 - train: the released recipe (LoRA r 32 / α 16 on q/v, `<SEG>` rows, segmentation module, AdamW, clip 0.3, bf16
   autocast) on the five released tasks in turn. stock: HF style — micro-batch 1 × 4 accumulation, gradient
   checkpointing, full embedding and output head trained (as the release did), full-vocabulary logits, SDPA vision

@@ -17,6 +17,9 @@ the weights' bandwidth allows). Here:
 
 Rope positions of new tokens continue as transformers continues them: one past the row's last prompt position in
 each of the three rope sections (Qwen2.5-VL's 3D positions make that differ from the cache index).
+
+With `keep_hidden`, the loop also returns the last-layer hidden state of every position it ran, so the `<SEG>`
+queries come from the decode itself instead of a second forward over prompt + reply (inference/generate.py).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ class _DecodeState:
         self.positions = torch.zeros(3, batch, 1, dtype=torch.long, device=device)
         self.key_mask = torch.zeros(batch, 1, 1, slots, dtype=torch.bool, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits: Tensor | None = None  # the graph's output buffer
+        self.outputs: tuple[Tensor, Tensor] | None = None  # the graph's output buffers: scores, hidden state
 
 
 class StaticDecoder:
@@ -63,11 +66,18 @@ class StaticDecoder:
         self._states: OrderedDict[tuple[int, int], _DecodeState] = OrderedDict()
 
     @torch.no_grad()
-    def generate(self, inputs: dict[str, Tensor], max_new_tokens: int, logits_processor=None) -> Tensor:
+    def generate(self, inputs: dict[str, Tensor], max_new_tokens: int, logits_processor=None,
+                 keep_hidden: bool = False) -> tuple[Tensor, Tensor | None]:
         """inputs: the model kwargs of a left-padded batch (input_ids, attention_mask (B, L), mm_token_type_ids,
-        image_grid_thw, and pixel_values or mm_encoder_outputs) → new token ids (B, T), T ≤ max_new_tokens,
-        `<|im_end|>` and anything after it included as decoded. `logits_processor(input_ids (B, L + t), scores (B, V))`
-        may change the scores of step t, as in transformers."""
+        image_grid_thw, and pixel_values or mm_encoder_outputs) → (tokens, hidden).
+
+        tokens: new token ids (B, T), T ≤ max_new_tokens, `<|im_end|>` and anything after it included as decoded.
+        hidden (with `keep_hidden`, else None): last-layer hidden states after the final norm (B, S, D), [:, 0] at
+        the last prompt position (the state token 0 was chosen from) and [:, s + 1] at new token s's position. Every
+        token fed back has its state, so S = T + 1, except that the last token is not fed back when it was the
+        token limit's last or when every row had already ended (S = T).
+        `logits_processor(input_ids (B, L + t), scores (B, V))` may change the scores of step t, as in transformers.
+        """
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         batch, length = input_ids.shape
         device = input_ids.device
@@ -75,9 +85,10 @@ class StaticDecoder:
         state.cache.reset()
         positions, _ = self.vlm.model.get_rope_index(
             input_ids, inputs["mm_token_type_ids"], inputs["image_grid_thw"], attention_mask=attention_mask)
-        prefill = self.vlm(**inputs, position_ids=positions, past_key_values=state.cache, use_cache=True,
-                           logits_to_keep=1)
-        scores = prefill.logits[:, -1]
+        last = self.vlm.model(**inputs, position_ids=positions, past_key_values=state.cache,
+                              use_cache=True).last_hidden_state[:, -1]  # (B, D)
+        scores = self.vlm.lm_head(last)
+        hidden = [last] if keep_hidden else None
         state.key_mask.zero_()
         state.key_mask[:, 0, 0, :length] = attention_mask.bool()
         state.positions.copy_(positions[:, :, -1:] + 1)  # the last prompt token is real (left padding)
@@ -110,9 +121,11 @@ class StaticDecoder:
                 break
             state.token.copy_(token[:, None])
             state.key_mask[:, 0, 0, length + t] = True
-            scores = self._step(state, device)
+            scores, step_hidden = self._step(state, device)
+            if keep_hidden:  # a copy: a graph's output buffer is rewritten by the next replay
+                hidden.append(step_hidden.clone())
             state.positions.add_(1)
-        return ids[:, length:length + steps]
+        return ids[:, length:length + steps], torch.stack(hidden, dim=1) if keep_hidden else None
 
     def _state(self, batch: int, slots: int, device: torch.device) -> _DecodeState:
         key = (batch, slots)
@@ -124,22 +137,23 @@ class StaticDecoder:
             self._states[key] = _DecodeState(self.vlm, batch, slots, device)
         return self._states[key]
 
-    def _forward(self, state: _DecodeState) -> Tensor:
-        """One decode step on the state's buffers → scores (B, V) of the next token."""
+    def _forward(self, state: _DecodeState) -> tuple[Tensor, Tensor]:
+        """One decode step on the state's buffers → scores (B, V) of the next token, hidden state (B, D) of the
+        token fed in."""
         language_model = self.vlm.model.language_model
         with calls_in_use(self._layers, self._step_calls) if self._step_calls else contextlib.nullcontext():
             hidden = language_model(inputs_embeds=language_model.embed_tokens(state.token),
                                     position_ids=state.positions, attention_mask={"full_attention": state.key_mask},
-                                    past_key_values=state.cache, use_cache=True).last_hidden_state
-        return self.vlm.lm_head(hidden[:, -1])
+                                    past_key_values=state.cache, use_cache=True).last_hidden_state[:, -1]
+        return self.vlm.lm_head(hidden), hidden
 
-    def _step(self, state: _DecodeState, device: torch.device) -> Tensor:
+    def _step(self, state: _DecodeState, device: torch.device) -> tuple[Tensor, Tensor]:
         if not (self.use_graphs and device.type == "cuda"):
             return self._forward(state)
         if state.graph is None:
             self._capture(state)
         state.graph.replay()
-        return state.logits
+        return state.outputs
 
     def _capture(self, state: _DecodeState) -> None:
         """Capture the step as a CUDA graph. The warm-up steps that capture needs write this step's key and value
@@ -156,4 +170,4 @@ class StaticDecoder:
             layer.cumulative_length.copy_(saved)
         state.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(state.graph):  # its own memory pool: graphs of different shapes replay in any order
-            state.logits = self._forward(state)
+            state.outputs = self._forward(state)

@@ -6,12 +6,14 @@ the end and generation continues all rows in step. Qwen2.5-VL's 3D rope position
 computed by transformers from `mm_token_type_ids`, `image_grid_thw` and the attention mask, so padding does not move
 any real token's position (tests/test_inference.py checks a batch against each row alone).
 
-`<SEG>` queries are taken as training takes them: one forward over prompt + generated tokens
-(`OmniAbnormCT.seg_queries`), last-layer hidden state after the final norm at each `<SEG>` input position.
+`<SEG>` queries are taken as training takes them: the last-layer hidden state after the final norm at each `<SEG>`
+input position. By default that is one more forward over prompt + generated tokens (`OmniAbnormCT.seg_queries`);
+with `DecodeSettings.seg_from_decode` they are the states the static loop computed while decoding (the same
+arithmetic over the KV cache), and that forward is not run.
 
 `DecodeSettings` switches the fast paths (docs/performance.md): our own greedy loop over a static KV cache with the
-decode step replayed as a CUDA graph (inference/decoding.py), and image features computed once per distinct image
-and reused by the `<SEG>` forward and the second round.
+decode step replayed as a CUDA graph (inference/decoding.py), `<SEG>` queries from that loop, and image features
+computed once per distinct image and reused by the `<SEG>` forward and the second round.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from dataset.conversation import Turn, encode
@@ -61,17 +64,22 @@ class DecodeSettings:
     # fused kernels). The prefill, vision tower and <SEG> forward stay eager: their shapes change with every prompt,
     # and recompiling for each cost more than it saved (docs/performance.md).
     compile_step: bool = False
+    # static loop: the <SEG> queries (and their probabilities) are the hidden states the loop computed while
+    # decoding, instead of one more forward over prompt + reply
+    seg_from_decode: bool = False
 
     def __post_init__(self) -> None:
         if self.loop not in ("transformers", "static"):
             raise ValueError(f"loop must be transformers or static, got {self.loop!r}")
-        if self.compile_step and self.loop != "static":
-            raise ValueError("compile_step needs loop='static'")
+        for name in ("compile_step", "seg_from_decode"):
+            if getattr(self, name) and self.loop != "static":
+                raise ValueError(f"{name} needs loop='static'")
 
     @classmethod
     def fast(cls) -> DecodeSettings:
         """What `--fast` means on inference.py, app.py and evaluation.sh: every fast path on."""
-        return cls(loop="static", cuda_graphs=True, merge_lora=True, reuse_image_features=True)
+        return cls(loop="static", cuda_graphs=True, merge_lora=True, reuse_image_features=True,
+                   seg_from_decode=True)
 
 
 @dataclass
@@ -82,6 +90,8 @@ class Generated:
     token_ids: Tensor  # (T,)
     text: str  # decoded with special tokens kept (so `<SEG>` stays visible)
     finished: bool  # False when max_new_tokens ran out before <|im_end|>
+    # with DecodeSettings.seg_from_decode: the row's <SEG> queries (N, D) and probabilities (N,) from the decode
+    seg_states: tuple[Tensor, Tensor] | None = None
 
 
 class Generator:
@@ -155,8 +165,13 @@ class Generator:
         """Greedy decoding of all prompts in one batch (left padding, KV cache on)."""
         empty = torch.zeros(0, dtype=torch.long)
         inputs = self.batch([(p, empty) for p in prompts])
+        seg_states = [None] * len(prompts)
         if self.static is not None:
-            new = self.static.generate(inputs, max_new_tokens, logits_processor).cpu()
+            new, hidden = self.static.generate(inputs, max_new_tokens, logits_processor,
+                                               keep_hidden=self.settings.seg_from_decode)
+            if hidden is not None:
+                seg_states = self._seg_states(new, hidden)
+            new = new.cpu()
         else:
             # Every setting explicit: a base model's generation_config (Qwen2.5-VL-7B-Instruct: repetition_penalty
             # 1.05, sampling settings) would otherwise fill in whatever is left unset.
@@ -166,17 +181,39 @@ class Generator:
                                           logits_processor=logits_processor)
             new = out[:, inputs["input_ids"].shape[1]:].cpu()
         results = []
-        for prompt, row in zip(prompts, new):
+        for prompt, row, states in zip(prompts, new, seg_states):
             ends = (row == self.eos_id).nonzero()
             finished = bool(len(ends))
             tokens = row[: int(ends[0]) if finished else row.numel()]
             text = self.tokenizer.decode(tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-            results.append(Generated(prompt, tokens, text, finished))
+            results.append(Generated(prompt, tokens, text, finished, states))
         return results
+
+    def _seg_states(self, tokens: Tensor, hidden: Tensor) -> list[tuple[Tensor, Tensor] | None]:
+        """The static loop's tokens (B, T) and hidden states (B, S, D) (inference/decoding.py) → per row its `<SEG>`
+        queries (N, D) and probabilities (N,), on the device. Tokens from `<|im_end|>` on are not the reply. A reply
+        whose last token is a `<SEG>` never fed back has no state for it: None for every row then (the `<SEG>`
+        forward serves that batch)."""
+        reply = tokens.masked_fill((tokens == self.eos_id).cumsum(dim=1) > 0, self.pad_id)
+        if hidden.shape[1] == reply.shape[1]:
+            if bool((reply[:, -1] == self.model.seg_token_id).any()):
+                return [None] * len(reply)
+            reply = reply[:, :-1]
+        # ids at the states' positions: the last prompt token (never <SEG>: it opens the assistant turn), the reply
+        ids = torch.cat([reply.new_full((len(reply), 1), self.pad_id), reply], dim=1)
+        queries, query_mask, probability = self.model.seg_outputs(hidden, ids)
+        counts = query_mask.sum(dim=1).tolist()
+        return [(queries[b, :n], probability[b, :n]) for b, n in enumerate(counts)]
 
     @torch.no_grad()
     def seg_queries(self, rows: Sequence[Generated]) -> tuple[Tensor, Tensor, Tensor]:
-        """Generated rows → queries (B, N, D), query_mask (B, N), seg_probability (B, N), on the device."""
+        """Generated rows → queries (B, N, D), query_mask (B, N), seg_probability (B, N), on the device: the decode's
+        states when every row has them, else one forward over prompt + reply."""
+        if rows and all(g.seg_states is not None for g in rows):
+            counts = torch.tensor([len(g.seg_states[1]) for g in rows], device=self.device)
+            query_mask = torch.arange(int(counts.max()), device=self.device)[None, :] < counts[:, None]
+            return (pad_sequence([g.seg_states[0] for g in rows], batch_first=True), query_mask,
+                    pad_sequence([g.seg_states[1] for g in rows], batch_first=True))
         return self.model.seg_queries(**self.batch([(g.prompt, g.token_ids) for g in rows]))
 
     def _with_features(self, inputs: dict[str, Tensor], prompts: Sequence[EncodedPrompt]) -> dict:

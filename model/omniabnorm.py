@@ -299,9 +299,15 @@ class OmniAbnormCT(nn.Module):
             image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids, use_cache=False,
             mm_encoder_outputs=mm_encoder_outputs,
         ).last_hidden_state
-        queries, query_mask = gather_seg_queries(hidden, input_ids, self.seg_token_id)
-        # Hidden state one position before each <SEG>: the one whose logits chose it.
-        before, _ = gather_seg_queries(hidden[:, :-1], input_ids[:, 1:], self.seg_token_id)
+        return self.seg_outputs(hidden, input_ids)
+
+    def seg_outputs(self, hidden: Tensor, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """hidden (B, L, D): last-layer states after the final norm at the positions of ids (B, L) → queries (B, N, D)
+        (the state at each `<SEG>`), query_mask (B, N), and seg_probability (B, N) float32, the probability the model
+        gave `<SEG>` at the step that emitted it: the softmax of the logits of the state one position earlier (a
+        `<SEG>` at position 0 has none and must not occur)."""
+        queries, query_mask = gather_seg_queries(hidden, ids, self.seg_token_id)
+        before, _ = gather_seg_queries(hidden[:, :-1], ids[:, 1:], self.seg_token_id)
         seg_probability = self.vlm.lm_head(before).float().softmax(dim=-1)[..., self.seg_token_id]
         return queries, query_mask, seg_probability * query_mask
 

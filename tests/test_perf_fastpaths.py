@@ -12,7 +12,7 @@ from PIL import Image
 from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList, Qwen2_5_VLForConditionalGeneration
 
-from bench.perf_bench import ScriptedGenerator, report_script
+from bench.perf_bench import Script, ScriptedGenerator, report_script
 from dataset.conversation import Turn
 from dataset.prompts import GROUNDED_REPORT_EVAL
 from inference.cases import Case
@@ -336,6 +336,44 @@ def test_static_loop_stops_where_generate_stops(tiny, stops):
     assert _greedy(tiny, DecodeSettings(loop="static"), processor=counting) == plain
     assert [len(t) for t in plain] == stops
     assert len(counting.scores) == max(stops) + 1
+
+
+def test_seg_queries_from_the_decode_equal_the_seg_forward(tiny, monkeypatch):
+    """DecodeSettings(seg_from_decode=True): each `<SEG>` query and probability is the state the static loop computed
+    at that position, equal to those of the forward over prompt + reply, which is then not run. A `<SEG>` after
+    `<|im_end|>` is not part of the reply; a reply cut by the token limit right after a `<SEG>` (never fed back, so
+    without a state) falls back to the forward."""
+    model, tokenizer, image_processor, _ = tiny
+    seg, eos = (tokenizer.convert_tokens_to_ids(t) for t in ("<SEG>", "<|im_end|>"))
+    word = tokenizer("lesion", add_special_tokens=False).input_ids[0]
+    scripts = [[word, seg, word, word, seg], [seg, word, eos, seg]]  # then <|im_end|>
+    model.eval()
+
+    def run(settings: DecodeSettings, max_new_tokens: int):
+        generator = Generator(model, tokenizer, image_processor, torch.device("cpu"), settings)
+        rows = generator.generate(_prompts(generator), max_new_tokens,
+                                  LogitsProcessorList([Script(scripts, eos)]))
+        return rows, generator.seg_queries(rows)
+
+    plain_rows, plain = run(DecodeSettings(loop="static"), 8)
+    seg_forward = model.seg_queries
+    with monkeypatch.context() as patch:
+        patch.setattr(model, "seg_queries", lambda **kwargs: pytest.fail("the <SEG> forward ran"))
+        rows, decoded = run(DecodeSettings(loop="static", seg_from_decode=True), 8)
+    assert [g.token_ids.tolist() for g in rows] == [g.token_ids.tolist() for g in plain_rows]
+    assert plain[1].tolist() == decoded[1].tolist() == [[True, True], [True, False]]
+    torch.testing.assert_close(decoded[0], plain[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(decoded[2], plain[2], rtol=1e-4, atol=1e-6)
+    assert (decoded[2][decoded[1]] > 0).all()
+
+    calls = []
+    monkeypatch.setattr(model, "seg_queries", lambda **kwargs: calls.append(1) or seg_forward(**kwargs))
+    rows, cut = run(DecodeSettings(loop="static", seg_from_decode=True), 2)  # row 0 ends in an unfed <SEG>
+    assert [g.token_ids.tolist() for g in rows] == [[word, seg], [seg, word]]
+    assert all(g.seg_states is None for g in rows) and calls == [1]
+    torch.testing.assert_close(cut[0][:, :1], plain[0][:, :1], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="seg_from_decode needs loop='static'"):
+        DecodeSettings(seg_from_decode=True)
 
 
 def test_image_features_are_computed_once_per_image(tiny, tmp_path):
