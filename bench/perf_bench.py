@@ -23,7 +23,8 @@ Sections, and what "stock" and "ours" are in each:
   DICOM-like slice folders; random weights would never emit `<SEG>`, so the replies are scripted through the real
   generate loop: round 1 `<SEG>`, round 2 a report of `report_tokens` tokens). stock: plain Generator, SDPA vision
   loop; ours: `DecodeSettings.fast()` (what `--fast` runs: the static loop, CUDA graphs on CUDA, LoRA merged, image
-  features reused, `<SEG>` queries from the decode) and varlen vision; on CUDA the checks add ours with the decode step compiled (`*_compiled`).
+  features reused, varlen vision, `<SEG>` queries from the decode); on CUDA the checks add ours with the decode step
+  and the vision blocks compiled (`*_compiled`).
 - train: the released recipe (LoRA r 32 / α 16 on q/v, `<SEG>` rows, segmentation module, AdamW, clip 0.3, bf16
   autocast) on the five released tasks in turn. stock: HF style — micro-batch 1 × 4 accumulation, gradient
   checkpointing, full embedding and output head trained (as the release did), full-vocabulary logits, SDPA vision
@@ -390,9 +391,9 @@ def bench_grounded(model: OmniAbnormCT, tokenizer, image_processor, scale: Scale
             with profiled_parts(model, device) as prof:
                 pipeline(ours, scale.grounded_batch).run(cases[:scale.grounded_batch])
             write_profile(prof, device, profile / "grounded_batched.txt")
-        if device.type == "cuda":  # ours with the decode step compiled as well
+        if device.type == "cuda":  # ours with the decode step and the vision blocks compiled as well
             with trial(checks, "grounded_compiled"):
-                rates, compiled_texts = timed_runs(dataclasses.replace(ours, compile_step=True))
+                rates, compiled_texts = timed_runs(dataclasses.replace(ours, compile_step=True, compile_vision=True))
                 checks.update({f"{key}_compiled": rate for key, rate in rates.items()})
                 checks["grounded_compiled_reports_equal"] = compiled_texts == texts["ours"]
     set_vision_attention(model.vlm, model.config.vision_attention)

@@ -18,6 +18,7 @@ computed once per distinct image and reused by the `<SEG>` forward and the secon
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Sequence
 from concurrent.futures import Executor
@@ -32,7 +33,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from dataset.conversation import Turn, encode
 from dataset.vision import VisionPreprocessor
 from inference.decoding import StaticDecoder
-from model.omniabnorm import OmniAbnormCT, merge_lora
+from model.omniabnorm import OmniAbnormCT, calls_in_use, compiled_calls, merge_lora, set_vision_attention
 
 
 @dataclass
@@ -60,6 +61,9 @@ class DecodeSettings:
     cuda_graphs: bool = True  # static loop on CUDA: each decode step replayed as a CUDA graph
     merge_lora: bool = False  # add the LoRA updates into the base weights once (changes the model in place)
     reuse_image_features: bool = False  # run the vision tower once per distinct image, not once per forward
+    varlen_vision: bool = False  # the vision tower's attention as one variable-length call per layer (changes the model)
+    # the vision blocks run through torch.compile inside generation (sizes dynamic after the second image batch)
+    compile_vision: bool = False
     # static loop: its decode step runs the decoder layers through torch.compile (on CUDA its graph replays the
     # fused kernels). The prefill, vision tower and <SEG> forward stay eager: their shapes change with every prompt,
     # and recompiling for each cost more than it saved (docs/performance.md).
@@ -79,7 +83,7 @@ class DecodeSettings:
     def fast(cls) -> DecodeSettings:
         """What `--fast` means on inference.py, app.py and evaluation.sh: every fast path on."""
         return cls(loop="static", cuda_graphs=True, merge_lora=True, reuse_image_features=True,
-                   seg_from_decode=True)
+                   varlen_vision=True, seg_from_decode=True)
 
 
 @dataclass
@@ -113,6 +117,10 @@ class Generator:
             if self.settings.loop == "static" else None
         if self.settings.merge_lora:
             merge_lora(model.vlm)
+        if self.settings.varlen_vision:
+            set_vision_attention(model.vlm, "varlen")
+        self._vision_blocks = list(model.vlm.model.visual.blocks)
+        self._vision_calls = compiled_calls(self._vision_blocks) if self.settings.compile_vision else None
 
     def encode(self, prompt: Prompt) -> EncodedPrompt:
         return self.encode_all([prompt])[0]
@@ -164,22 +172,23 @@ class Generator:
                  ) -> list[Generated]:
         """Greedy decoding of all prompts in one batch (left padding, KV cache on)."""
         empty = torch.zeros(0, dtype=torch.long)
-        inputs = self.batch([(p, empty) for p in prompts])
         seg_states = [None] * len(prompts)
-        if self.static is not None:
-            new, hidden = self.static.generate(inputs, max_new_tokens, logits_processor,
-                                               keep_hidden=self.settings.seg_from_decode)
-            if hidden is not None:
-                seg_states = self._seg_states(new, hidden)
-            new = new.cpu()
-        else:
-            # Every setting explicit: a base model's generation_config (Qwen2.5-VL-7B-Instruct: repetition_penalty
-            # 1.05, sampling settings) would otherwise fill in whatever is left unset.
-            out = self.model.vlm.generate(**inputs, do_sample=False, num_beams=1, repetition_penalty=1.0,
-                                          max_new_tokens=max_new_tokens, eos_token_id=self.eos_id,
-                                          pad_token_id=self.pad_id, use_cache=True,
-                                          logits_processor=logits_processor)
-            new = out[:, inputs["input_ids"].shape[1]:].cpu()
+        with self._vision_in_use():
+            inputs = self.batch([(p, empty) for p in prompts])
+            if self.static is not None:
+                new, hidden = self.static.generate(inputs, max_new_tokens, logits_processor,
+                                                   keep_hidden=self.settings.seg_from_decode)
+                if hidden is not None:
+                    seg_states = self._seg_states(new, hidden)
+                new = new.cpu()
+            else:
+                # Every setting explicit: a base model's generation_config (Qwen2.5-VL-7B-Instruct:
+                # repetition_penalty 1.05, sampling settings) would otherwise fill in whatever is left unset.
+                out = self.model.vlm.generate(**inputs, do_sample=False, num_beams=1, repetition_penalty=1.0,
+                                              max_new_tokens=max_new_tokens, eos_token_id=self.eos_id,
+                                              pad_token_id=self.pad_id, use_cache=True,
+                                              logits_processor=logits_processor)
+                new = out[:, inputs["input_ids"].shape[1]:].cpu()
         results = []
         for prompt, row, states in zip(prompts, new, seg_states):
             ends = (row == self.eos_id).nonzero()
@@ -214,7 +223,14 @@ class Generator:
             query_mask = torch.arange(int(counts.max()), device=self.device)[None, :] < counts[:, None]
             return (pad_sequence([g.seg_states[0] for g in rows], batch_first=True), query_mask,
                     pad_sequence([g.seg_states[1] for g in rows], batch_first=True))
-        return self.model.seg_queries(**self.batch([(g.prompt, g.token_ids) for g in rows]))
+        with self._vision_in_use():
+            return self.model.seg_queries(**self.batch([(g.prompt, g.token_ids) for g in rows]))
+
+    def _vision_in_use(self):
+        """Context of every call that may run the vision tower: its blocks compiled inside with `compile_vision`."""
+        if self._vision_calls is None:
+            return contextlib.nullcontext()
+        return calls_in_use(self._vision_blocks, self._vision_calls)
 
     def _with_features(self, inputs: dict[str, Tensor], prompts: Sequence[EncodedPrompt]) -> dict:
         """Model kwargs without images → the same with the prompts' image features (`mm_encoder_outputs`).

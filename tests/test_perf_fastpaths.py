@@ -292,6 +292,51 @@ def test_compiled_decode_step_gives_the_same_scores_and_leaves_the_prefill_eager
             torch._dynamo.reset()
 
 
+@pytest.mark.slow
+def test_compiled_vision_gives_the_eager_scores_and_settles_on_dynamic_sizes(tiny):
+    """DecodeSettings(compile_vision=True): the vision blocks run compiled inside generation only, every step's
+    scores equal the eager varlen tower's, and batches of other image counts and grids stop compiling new graphs once
+    sizes have turned dynamic (a graph per image batch would make inference slower than eager, as the compiled
+    prefill did). On the CPU the attention's padded fallback breaks the graph at a data-dependent size, so sizes turn
+    dynamic piece by piece over the first few batches. Dynamo's hard failure on its graph limit checks that no block
+    silently fell back to eager."""
+    model, tokenizer, image_processor, _ = tiny
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    settings = DecodeSettings(loop="static", varlen_vision=True)
+    eager_scores, compiled_scores = StopAt(eos, []), StopAt(eos, [])
+    eager = _greedy(tiny, settings, processor=eager_scores)
+    blocks = model.vlm.model.visual.blocks
+    counters = torch._dynamo.utils.counters
+    torch._dynamo.reset()
+    counters.clear()
+    rng = np.random.default_rng(0)
+    with torch._dynamo.config.patch(recompile_limit=1, accumulated_recompile_limit=1,
+                                    fail_on_recompile_limit_hit=True):
+        try:
+            generator = Generator(model, tokenizer, image_processor, torch.device("cpu"),
+                                  dataclasses.replace(settings, compile_vision=True))
+            rows = generator.generate(_prompts(generator), 12, LogitsProcessorList([compiled_scores]))
+            assert [g.token_ids.tolist() for g in rows] == eager
+            for ours, theirs in zip(compiled_scores.scores, eager_scores.scores, strict=True):
+                torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+            assert counters["stats"]["unique_graphs"] >= 1 and all(b._compiled_call_impl is None for b in blocks)
+
+            def images(shapes):
+                return [generator.encode(Prompt([Turn("user", "Describe.", images=1)],
+                                                [rng.integers(0, 256, (*shape, 3), dtype=np.uint8)]))
+                        for shape in shapes]
+
+            for shapes in ([(72, 96)] * 3, [(96, 64)], [(64, 120), (64, 64), (80, 80)]):  # sizes turn dynamic
+                generator.generate(images(shapes), 2)
+            graphs = counters["stats"]["unique_graphs"]
+            for shapes in ([(90, 90)] * 2, [(64, 64)] * 5):
+                generator.generate(images(shapes), 2)
+            assert counters["stats"]["unique_graphs"] == graphs
+        finally:
+            torch._dynamo.reset()
+            set_vision_attention(model.vlm, "sdpa")  # the module's other tests share the model
+
+
 def test_merged_lora_gives_the_scores_of_the_adapters(tmp_path):
     """`merge_lora` adds B·A·scale into the base weights: every step's scores stay those of the unmerged model (a
     model of its own: merging changes it in place)."""
