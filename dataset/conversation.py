@@ -1,8 +1,8 @@
 """Qwen2.5-VL chat encoding with assistant-only labels (SPEC §4.4).
 
-The text is rendered exactly as Qwen2.5-VL's chat template does it, image placeholders are expanded to the number
-of visual tokens each image takes, and the whole string is tokenised at once (no per-segment tokenisation, so
-BPE merges match the released training). Labels cover every assistant reply from after
+The text is rendered exactly as Qwen2.5-VL's chat template does it and the whole string is tokenised at once (no
+per-segment tokenisation, so BPE merges match the released training), with one image placeholder per image that is
+then repeated to the number of visual tokens the image takes (the ids of the fully expanded text). Labels cover every assistant reply from after
 `<|im_start|>assistant\\n` up to and including its `<|im_end|>`; everything else is −100.
 """
 
@@ -73,7 +73,9 @@ def render(turns: Sequence[Turn], image_tokens: Sequence[int], add_generation_pr
 
 def encode(tokenizer, turns: Sequence[Turn], image_tokens: Sequence[int] = (), image_token_id: int | None = None,
            add_generation_prompt: bool = False) -> EncodedConversation:
-    text, spans = render(turns, image_tokens, add_generation_prompt)
+    # Tokenised with one <|image_pad|> per image, each then repeated to its count: the pad is a special token, split
+    # out before BPE, so the text around it tokenises the same, and 2 × 324 pads no longer cost a millisecond.
+    text, spans = render(turns, [1] * len(image_tokens), add_generation_prompt)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = torch.tensor(enc["input_ids"], dtype=torch.long)
     starts = torch.tensor([start for start, _ in enc["offset_mapping"]], dtype=torch.long)
@@ -83,7 +85,11 @@ def encode(tokenizer, turns: Sequence[Turn], image_tokens: Sequence[int] = (), i
     labels = torch.where(supervised, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
     if image_token_id is None:
         image_token_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    mm = (input_ids == image_token_id).long()
-    if int(mm.sum()) != sum(image_tokens):
-        raise ValueError(f"tokenised text holds {int(mm.sum())} image tokens, expected {sum(image_tokens)}")
-    return EncodedConversation(input_ids, labels, mm)
+    is_image = input_ids == image_token_id
+    if int(is_image.sum()) != len(image_tokens):
+        raise ValueError(f"tokenised text holds {int(is_image.sum())} image placeholders, expected "
+                         f"{len(image_tokens)} (one per image)")
+    repeats = torch.ones_like(input_ids)
+    repeats[is_image] = torch.tensor(list(image_tokens), dtype=torch.long)
+    input_ids, labels = input_ids.repeat_interleave(repeats), labels.repeat_interleave(repeats)
+    return EncodedConversation(input_ids, labels, (input_ids == image_token_id).long())

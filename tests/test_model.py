@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dataset.conversation import IGNORE_INDEX, Turn, encode
+from dataset.conversation import IGNORE_INDEX, Turn, encode, render
 from model.config import SEG_TOKEN
 from model.omniabnorm import gather_seg_queries
 
@@ -23,6 +23,23 @@ def test_labels_cover_assistant_replies_only(tiny):
     assert int(enc.mm_token_type_ids.sum()) == 8
     image_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert torch.equal(enc.mm_token_type_ids.bool(), enc.input_ids == image_id)
+
+
+def test_encoding_equals_tokenising_the_expanded_text(tiny):
+    """`encode` tokenises one `<|image_pad|>` per image and repeats it: the ids are those of the text with every
+    placeholder expanded, images of different counts, text on both sides of each image, labels shifted with them."""
+    _, tokenizer, _, _ = tiny
+    turns = [Turn("user", "Where is the lesion? Compare with the prior", images=2), Turn("assistant", "Here <SEG>."),
+             Turn("tool", "see", images=1), Turn("assistant", "Findings 1: a cyst.\n")]
+    counts = [5, 1, 7]
+    enc = encode(tokenizer, turns, image_tokens=counts)
+    text, _ = render(turns, counts)
+    assert enc.input_ids.tolist() == tokenizer(text, add_special_tokens=False).input_ids
+    supervised = tokenizer.decode(enc.input_ids[enc.labels != IGNORE_INDEX])
+    assert supervised == "Here <SEG>.<|im_end|>Findings 1: a cyst.\n<|im_end|>"
+    assert int(enc.mm_token_type_ids.sum()) == sum(counts)
+    with pytest.raises(ValueError, match="image placeholders"):  # a placeholder typed into the text is refused
+        encode(tokenizer, [Turn("user", "<|image_pad|>", images=1)], image_tokens=[3])
 
 
 def test_image_count_mismatch_is_an_error(tiny):
