@@ -23,8 +23,8 @@ Sections, and what "stock" and "ours" are in each:
   DICOM-like slice folders; random weights would never emit `<SEG>`, so the replies are scripted through the real
   generate loop: round 1 `<SEG>`, round 2 a report of `report_tokens` tokens). stock: plain Generator, SDPA vision
   loop; ours: `DecodeSettings.fast()` (what `--fast` runs: the static loop, CUDA graphs on CUDA, LoRA merged, image
-  features reused, varlen vision, `<SEG>` queries from the decode); on CUDA the checks add ours with the decode step
-  and the vision blocks compiled (`*_compiled`).
+  features reused, varlen vision, `<SEG>` queries from the decode, second round from the first round's cache); on
+  CUDA the checks add ours with the decode step and the vision blocks compiled (`*_compiled`).
 - train: the released recipe (LoRA r 32 / α 16 on q/v, `<SEG>` rows, segmentation module, AdamW, clip 0.3, bf16
   autocast) on the five released tasks in turn. stock: HF style — micro-batch 1 × 4 accumulation, gradient
   checkpointing, full embedding and output head trained (as the release did), full-vocabulary logits, SDPA vision
@@ -340,9 +340,9 @@ class ScriptedGenerator(Generator):
         super().__init__(*args, **kwargs)
         self.first, self.second = first, second
 
-    def generate(self, prompts, max_new_tokens, logits_processor=None):
+    def generate(self, prompts, max_new_tokens, logits_processor=None, after=None):
         scripts = [self.first if p.image_grid_thw.shape[0] == 1 else self.second for p in prompts]
-        return super().generate(prompts, max_new_tokens, LogitsProcessorList([Script(scripts, self.eos_id)]))
+        return super().generate(prompts, max_new_tokens, LogitsProcessorList([Script(scripts, self.eos_id)]), after)
 
 
 def report_script(tokenizer, length: int) -> list[int]:

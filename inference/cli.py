@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast", action="store_true",
                    help="decode fast paths (docs/performance.md): our static-cache decode loop, each step a CUDA "
                         "graph on GPU; LoRA merged into the base weights; vision tower once per image, its "
-                        "attention one variable-length call per layer; <SEG> queries from the decode. The plain "
+                        "attention one variable-length call per layer; <SEG> queries from the decode; second "
+                        "rounds from the first round's KV cache. The plain "
                         "path's outputs, up to bf16 rounding on GPU")
     p.add_argument("--demo", action="store_true", help="run a bundled phantom case with the demo checkpoint")
     return p

@@ -20,12 +20,17 @@ each of the three rope sections (Qwen2.5-VL's 3D positions make that differ from
 
 With `keep_hidden`, the loop also returns the last-layer hidden state of every position it ran, so the `<SEG>`
 queries come from the decode itself instead of a second forward over prompt + reply (inference/generate.py).
+
+`continue_last` starts a later round from the latest call's cache: the rows' prompt and reply slots are copied into
+the new cache as they are, and only the tokens after the kept reply (a tool turn with its image) are prefilled,
+attending to those slots through an explicit key mask; the rest is the same loop.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -53,6 +58,22 @@ class _DecodeState:
         self.outputs: tuple[Tensor, Tensor] | None = None  # the graph's output buffers: scores, hidden state
 
 
+@dataclass
+class LastCall:
+    """What a continuation needs of the decoder's latest call."""
+
+    call_id: int
+    state: _DecodeState
+    start: int  # cache slot of new token 0 (the padded prompt's length)
+    fed: int  # slots written: the prompt's and those of the new tokens fed back
+    key_mask: Tensor  # (B, fed) bool: the prompt's real slots and the fed tokens' slots
+
+    @property
+    def fed_tokens(self) -> int:
+        """New tokens fed back, so in the cache: a continuation can keep at most these of each row's reply."""
+        return self.fed - self.start
+
+
 class StaticDecoder:
     """Greedy decoding of a left-padded batch; `use_graphs` captures the decode step on CUDA; `compile_step` runs the
     step's decoder layers through torch.compile (the prefill stays eager: a new prompt length compiles nothing)."""
@@ -64,6 +85,8 @@ class StaticDecoder:
         self._layers = list(vlm.model.language_model.layers)
         self._step_calls = compiled_calls(self._layers) if compile_step else None
         self._states: OrderedDict[tuple[int, int], _DecodeState] = OrderedDict()
+        self.last: LastCall | None = None
+        self._calls = 0
 
     @torch.no_grad()
     def generate(self, inputs: dict[str, Tensor], max_new_tokens: int, logits_processor=None,
@@ -80,24 +103,70 @@ class StaticDecoder:
         """
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         batch, length = input_ids.shape
-        device = input_ids.device
-        state = self._state(batch, bucket_len(length + max_new_tokens), device)
+        state = self._state(batch, bucket_len(length + max_new_tokens), input_ids.device)
         state.cache.reset()
         positions, _ = self.vlm.model.get_rope_index(
             input_ids, inputs["mm_token_type_ids"], inputs["image_grid_thw"], attention_mask=attention_mask)
         last = self.vlm.model(**inputs, position_ids=positions, past_key_values=state.cache,
                               use_cache=True).last_hidden_state[:, -1]  # (B, D)
-        scores = self.vlm.lm_head(last)
-        hidden = [last] if keep_hidden else None
         state.key_mask.zero_()
         state.key_mask[:, 0, 0, :length] = attention_mask.bool()
         state.positions.copy_(positions[:, :, -1:] + 1)  # the last prompt token is real (left padding)
-        ids = torch.cat([input_ids, input_ids.new_zeros(batch, max_new_tokens)], dim=1)  # (B, L + max_new)
+        return self._decode(state, input_ids, last, max_new_tokens, logits_processor, keep_hidden)
+
+    @torch.no_grad()
+    def continue_last(self, rows: Tensor, kept: Tensor, chunk: dict[str, Tensor], positions: Tensor,
+                      max_new_tokens: int, logits_processor=None, keep_hidden: bool = False
+                      ) -> tuple[Tensor, Tensor | None]:
+        """Continue rows of the latest call: new row j is that call's row rows[j] (B2,) with the first kept[j] (B2,)
+        of its new tokens kept (at most `last.fed_tokens`), followed by `chunk`, the model kwargs of the tokens that
+        come after them, left-padded (input_ids, attention_mask (B2, C), mm_token_type_ids, image_grid_thw and the
+        chunk's images), whose 3D rope positions `positions` (3, B2, C) the caller computed over the whole
+        sequences. → (tokens, hidden) as `generate`, the processor seeing the chunk's ids then the new tokens."""
+        previous = self.last
+        rows, kept = rows.to(previous.key_mask.device), kept.to(previous.key_mask.device)
+        if bool((kept > previous.fed_tokens).any()):
+            raise ValueError(f"a continuation keeps at most the {previous.fed_tokens} tokens in the cache")
+        fed = previous.fed
+        prefix = [(layer.keys[rows, :, :fed], layer.values[rows, :, :fed]) for layer in previous.state.cache.layers]
+        valid = previous.key_mask[rows]  # (B2, fed), a copy: the new state may be the previous one
+        valid[:, previous.start:] &= torch.arange(fed - previous.start, device=valid.device)[None] < kept[:, None]
+        input_ids, attention_mask = chunk["input_ids"], chunk["attention_mask"]
+        batch, length = input_ids.shape
+        state = self._state(batch, bucket_len(fed + length + max_new_tokens), input_ids.device)
+        state.cache.reset()
+        for index, (keys, values) in enumerate(prefix):
+            state.cache.update(keys, values, index)
+        state.key_mask.zero_()
+        state.key_mask[:, 0, 0, :fed] = valid
+        state.key_mask[:, 0, 0, fed:fed + length] = attention_mask.bool()
+        # chunk query q sees the kept slots and the chunk's real tokens up to itself (a padding query sees the kept
+        # slots only: its output is never used, but must be finite)
+        mask = state.key_mask.expand(batch, 1, length, state.key_mask.shape[-1]).clone()  # (B2, 1, C, slots)
+        mask[:, 0, :, fed:fed + length] &= torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
+        kwargs = {k: v for k, v in chunk.items() if k != "attention_mask"}
+        last = self.vlm.model(**kwargs, attention_mask={"full_attention": mask}, position_ids=positions,
+                              past_key_values=state.cache, use_cache=True).last_hidden_state[:, -1]
+        state.positions.copy_(positions[:, :, -1:] + 1)
+        return self._decode(state, input_ids, last, max_new_tokens, logits_processor, keep_hidden, start=fed + length)
+
+    def _decode(self, state: _DecodeState, prompt_ids: Tensor, last: Tensor, max_new_tokens: int, logits_processor,
+                keep_hidden: bool, start: int | None = None) -> tuple[Tensor, Tensor | None]:
+        """The greedy loop after a prefill that left `last` (B, D), the hidden state at the prompt's last position,
+        with the state's key mask and rope positions set for new token 0, which goes to cache slot `start` (default:
+        the prompt's length)."""
+        batch, length = prompt_ids.shape
+        start = length if start is None else start
+        device = prompt_ids.device
+        scores = self.vlm.lm_head(last)
+        hidden = [last] if keep_hidden else None
+        ids = torch.cat([prompt_ids, prompt_ids.new_zeros(batch, max_new_tokens)], dim=1)  # (B, L + max_new)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         on_cuda = device.type == "cuda"
         flag = torch.zeros((), dtype=torch.bool, pin_memory=on_cuda)  # CUDA: `finished.all()` of the step before
         pending = None  # CUDA event after that flag's copy
         steps = max_new_tokens
+        fed = 0
         for t in range(max_new_tokens):
             if logits_processor is not None:
                 scores = logits_processor(ids[:, :length + t], scores.float())
@@ -120,11 +189,14 @@ class StaticDecoder:
                 steps = t + 1
                 break
             state.token.copy_(token[:, None])
-            state.key_mask[:, 0, 0, length + t] = True
+            state.key_mask[:, 0, 0, start + t] = True
             scores, step_hidden = self._step(state, device)
+            fed += 1
             if keep_hidden:  # a copy: a graph's output buffer is rewritten by the next replay
                 hidden.append(step_hidden.clone())
             state.positions.add_(1)
+        self._calls += 1
+        self.last = LastCall(self._calls, state, start, start + fed, state.key_mask[:, 0, 0, :start + fed].clone())
         return ids[:, length:length + steps], torch.stack(hidden, dim=1) if keep_hidden else None
 
     def _state(self, batch: int, slots: int, device: torch.device) -> _DecodeState:

@@ -12,7 +12,8 @@ with `DecodeSettings.seg_from_decode` they are the states the static loop comput
 arithmetic over the KV cache), and that forward is not run.
 
 `DecodeSettings` switches the fast paths (docs/performance.md): our own greedy loop over a static KV cache with the
-decode step replayed as a CUDA graph (inference/decoding.py), `<SEG>` queries from that loop, and image features
+decode step replayed as a CUDA graph (inference/decoding.py), `<SEG>` queries from that loop, a second round that
+continues the first round's cache, the vision tower's varlen attention and compiled blocks, and image features
 computed once per distinct image and reused by the `<SEG>` forward and the second round.
 """
 
@@ -71,11 +72,14 @@ class DecodeSettings:
     # static loop: the <SEG> queries (and their probabilities) are the hidden states the loop computed while
     # decoding, instead of one more forward over prompt + reply
     seg_from_decode: bool = False
+    # static loop: a round that continues the previous one (`generate(..., after=...)`) starts from its KV cache and
+    # prefills only the tokens after the reply (the tool turn and its image)
+    continue_rounds: bool = False
 
     def __post_init__(self) -> None:
         if self.loop not in ("transformers", "static"):
             raise ValueError(f"loop must be transformers or static, got {self.loop!r}")
-        for name in ("compile_step", "seg_from_decode"):
+        for name in ("compile_step", "seg_from_decode", "continue_rounds"):
             if getattr(self, name) and self.loop != "static":
                 raise ValueError(f"{name} needs loop='static'")
 
@@ -83,7 +87,7 @@ class DecodeSettings:
     def fast(cls) -> DecodeSettings:
         """What `--fast` means on inference.py, app.py and evaluation.sh: every fast path on."""
         return cls(loop="static", cuda_graphs=True, merge_lora=True, reuse_image_features=True,
-                   varlen_vision=True, seg_from_decode=True)
+                   varlen_vision=True, seg_from_decode=True, continue_rounds=True)
 
 
 @dataclass
@@ -96,6 +100,7 @@ class Generated:
     finished: bool  # False when max_new_tokens ran out before <|im_end|>
     # with DecodeSettings.seg_from_decode: the row's <SEG> queries (N, D) and probabilities (N,) from the decode
     seg_states: tuple[Tensor, Tensor] | None = None
+    decoded: tuple[int, int] | None = None  # static loop: (call id, row) of the decode, for a continuation
 
 
 class Generator:
@@ -147,9 +152,17 @@ class Generator:
         return self.vision.values(torch.cat(list(pixel_codes)).to(self.device)).to(self.model.vlm.dtype)
 
     def batch(self, rows: Sequence[tuple[EncodedPrompt, Tensor]]) -> dict[str, Tensor]:
-        """(prompt, continuation ids) rows → left-padded model kwargs on the device: input_ids, attention_mask,
-        mm_token_type_ids (B, L), image_grid_thw, and the images of all rows in row order: pixel_values, or with
-        `reuse_image_features` their features (`_with_features`)."""
+        """(prompt, continuation ids) rows → left-padded model kwargs on the device: `tokens`, and the images of all
+        rows in row order: pixel_values, or with `reuse_image_features` their features (`_with_features`)."""
+        inputs = self.tokens(rows)
+        prompts = [p for p, _ in rows]
+        if self.settings.reuse_image_features:
+            return self._with_features(inputs, prompts)
+        return {**inputs, "pixel_values": self._pixel_values([p.pixel_codes for p in prompts])}
+
+    def tokens(self, rows: Sequence[tuple[EncodedPrompt, Tensor]]) -> dict[str, Tensor]:
+        """(prompt, continuation ids) rows → input_ids, attention_mask, mm_token_type_ids (B, L), left-padded, and
+        image_grid_thw, on the device."""
         length = max(p.input_ids.numel() + c.numel() for p, c in rows)
         ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -159,44 +172,76 @@ class Generator:
             ids[b, length - n:] = torch.cat([p.input_ids, cont])
             mm[b, length - n:length - cont.numel()] = p.mm_token_type_ids
             mask[b, length - n:] = 1
-        inputs = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device),
-                  "mm_token_type_ids": mm.to(self.device),
-                  "image_grid_thw": torch.cat([p.image_grid_thw for p, _ in rows]).to(self.device)}
-        prompts = [p for p, _ in rows]
-        if self.settings.reuse_image_features:
-            return self._with_features(inputs, prompts)
-        return {**inputs, "pixel_values": self._pixel_values([p.pixel_codes for p in prompts])}
+        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device),
+                "mm_token_type_ids": mm.to(self.device),
+                "image_grid_thw": torch.cat([p.image_grid_thw for p, _ in rows]).to(self.device)}
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[EncodedPrompt], max_new_tokens: int, logits_processor=None
-                 ) -> list[Generated]:
-        """Greedy decoding of all prompts in one batch (left padding, KV cache on)."""
+    def generate(self, prompts: Sequence[EncodedPrompt], max_new_tokens: int, logits_processor=None,
+                 after: Sequence[Generated] | None = None) -> list[Generated]:
+        """Greedy decoding of all prompts in one batch (left padding, KV cache on). `after[b]`: the reply that
+        prompts[b]'s conversation continues (a second round); with `continue_rounds` and the static loop, the
+        decode then starts from that reply's KV cache when every row's prompt begins with exactly that prompt,
+        reply and images, and from a full prefill otherwise."""
         empty = torch.zeros(0, dtype=torch.long)
         seg_states = [None] * len(prompts)
         with self._vision_in_use():
-            inputs = self.batch([(p, empty) for p in prompts])
-            if self.static is not None:
-                new, hidden = self.static.generate(inputs, max_new_tokens, logits_processor,
-                                                   keep_hidden=self.settings.seg_from_decode)
-                if hidden is not None:
-                    seg_states = self._seg_states(new, hidden)
-                new = new.cpu()
+            continuation = self._continuation(prompts, after) if after is not None else None
+            if continuation is not None:
+                new, hidden = self.static.continue_last(*continuation, max_new_tokens, logits_processor,
+                                                        keep_hidden=self.settings.seg_from_decode)
+            elif self.static is not None:
+                new, hidden = self.static.generate(self.batch([(p, empty) for p in prompts]), max_new_tokens,
+                                                   logits_processor, keep_hidden=self.settings.seg_from_decode)
             else:
+                inputs = self.batch([(p, empty) for p in prompts])
                 # Every setting explicit: a base model's generation_config (Qwen2.5-VL-7B-Instruct:
                 # repetition_penalty 1.05, sampling settings) would otherwise fill in whatever is left unset.
                 out = self.model.vlm.generate(**inputs, do_sample=False, num_beams=1, repetition_penalty=1.0,
                                               max_new_tokens=max_new_tokens, eos_token_id=self.eos_id,
                                               pad_token_id=self.pad_id, use_cache=True,
                                               logits_processor=logits_processor)
-                new = out[:, inputs["input_ids"].shape[1]:].cpu()
+                new, hidden = out[:, inputs["input_ids"].shape[1]:], None
+            if hidden is not None:
+                seg_states = self._seg_states(new, hidden)
+            new = new.cpu()
+        call = self.static.last.call_id if self.static is not None else None
         results = []
-        for prompt, row, states in zip(prompts, new, seg_states):
+        for b, (prompt, row, states) in enumerate(zip(prompts, new, seg_states)):
             ends = (row == self.eos_id).nonzero()
             finished = bool(len(ends))
             tokens = row[: int(ends[0]) if finished else row.numel()]
             text = self.tokenizer.decode(tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-            results.append(Generated(prompt, tokens, text, finished, states))
+            results.append(Generated(prompt, tokens, text, finished, states, None if call is None else (call, b)))
         return results
+
+    def _continuation(self, prompts: Sequence[EncodedPrompt], after: Sequence[Generated]) -> tuple | None:
+        """The arguments of `StaticDecoder.continue_last` (rows, kept, chunk, positions) when every prompt continues
+        its reply of the decoder's latest call: it starts with that reply's prompt ids, reply ids and images (pixel
+        for pixel) and has tokens after them, and the reply is in the cache. None otherwise."""
+        last = self.static.last if self.static is not None and self.settings.continue_rounds else None
+        if last is None or len(after) != len(prompts):
+            return None
+        rows, kept, chunks = [], [], []
+        for p, g in zip(prompts, after, strict=True):
+            head = torch.cat([g.prompt.input_ids, g.token_ids])
+            images, patches = len(g.prompt.image_grid_thw), len(g.prompt.pixel_codes)
+            if (g.decoded is None or g.decoded[0] != last.call_id or len(g.token_ids) > last.fed_tokens
+                    or p.input_ids.numel() <= head.numel() or not torch.equal(p.input_ids[:head.numel()], head)
+                    or not torch.equal(p.image_grid_thw[:images], g.prompt.image_grid_thw)
+                    or not torch.equal(p.pixel_codes[:patches], g.prompt.pixel_codes)):
+                return None
+            rows.append(g.decoded[1])
+            kept.append(g.token_ids.numel())
+            chunks.append(EncodedPrompt(p.input_ids[head.numel():], p.mm_token_type_ids[head.numel():],
+                                        p.pixel_codes[patches:], p.image_grid_thw[images:], p.image_keys[images:]))
+        empty = torch.zeros(0, dtype=torch.long)
+        chunk = self.batch([(c, empty) for c in chunks])
+        whole = self.tokens([(p, empty) for p in prompts])  # rope positions are those of the whole sequences
+        positions, _ = self.model.vlm.model.get_rope_index(whole["input_ids"], whole["mm_token_type_ids"],
+                                                           whole["image_grid_thw"],
+                                                           attention_mask=whole["attention_mask"])
+        return (torch.tensor(rows), torch.tensor(kept), chunk, positions[:, :, -chunk["input_ids"].shape[1]:])
 
     def _seg_states(self, tokens: Tensor, hidden: Tensor) -> list[tuple[Tensor, Tensor] | None]:
         """The static loop's tokens (B, T) and hidden states (B, S, D) (inference/decoding.py) → per row its `<SEG>`

@@ -147,10 +147,10 @@ def scripted(monkeypatch, pipe):
     real = Generator.generate
 
     def install(reply):
-        def generate(self, prompts, max_new_tokens, logits_processor=None):
+        def generate(self, prompts, max_new_tokens, logits_processor=None, after=None):
             texts = [self.tokenizer.decode(p.input_ids) for p in prompts]
             scripts = [self.tokenizer(reply(t), add_special_tokens=False).input_ids for t in texts]
-            return real(self, prompts, 64, LogitsProcessorList([Forced(scripts, self.eos_id)]))
+            return real(self, prompts, 64, LogitsProcessorList([Forced(scripts, self.eos_id)]), after)
         monkeypatch.setattr(Generator, "generate", generate)
     return install
 

@@ -16,6 +16,7 @@ from bench.perf_bench import Script, ScriptedGenerator, report_script
 from dataset.conversation import Turn
 from dataset.prompts import GROUNDED_REPORT_EVAL
 from inference.cases import Case
+from inference.decoding import StaticDecoder
 from inference.generate import DecodeSettings, Generator, Prompt
 from inference.pipeline import OmniAbnormPipeline
 from model import omniabnorm
@@ -419,6 +420,57 @@ def test_seg_queries_from_the_decode_equal_the_seg_forward(tiny, monkeypatch):
     torch.testing.assert_close(cut[0][:, :1], plain[0][:, :1], rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="seg_from_decode needs loop='static'"):
         DecodeSettings(seg_from_decode=True)
+
+
+def test_second_round_from_the_first_rounds_cache_equals_a_full_prefill(tiny, monkeypatch):
+    """DecodeSettings(continue_rounds=True): a second round that continues the first (rows reordered and one left out,
+    replies of different lengths, so the cache holds tokens decoded past a row's end) starts from the first round's
+    KV cache, prefilling only the tool turn with its image, and gives the scores at every step, the tokens and the
+    `<SEG>` states of a full prefill. A prompt that does not begin with its reply's prompt, reply and images (here:
+    another first image) takes the full prefill."""
+    model, tokenizer, image_processor, _ = tiny
+    seg, eos = (tokenizer.convert_tokens_to_ids(t) for t in ("<SEG>", "<|im_end|>"))
+    word = tokenizer(" lesion", add_special_tokens=False).input_ids
+    rng = np.random.default_rng(2)
+    images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((64, 64, 3), (72, 96, 3), (64, 80, 3))]
+    model.eval()
+
+    def two_rounds(settings: DecodeSettings, first_images: list) -> tuple[list, list, list]:
+        generator = Generator(model, tokenizer, image_processor, torch.device("cpu"), settings)
+        prompts = [generator.encode(Prompt([Turn("user", text, images=1)], [image]))
+                   for text, image in zip((GROUNDED_REPORT_EVAL, "Which organ?", "Any lesion?"), images)]
+        first = generator.generate(prompts, 8, LogitsProcessorList([Script([[*word, seg, *word], [seg], word], eos)]))
+        order = [2, 0]
+        second = [generator.encode(Prompt([Turn("user", text, images=1), Turn("assistant", first[i].text),
+                                           Turn("tool", "", images=1)], [first_images[i], images[1 - i % 2]]))
+                  for i, text in zip(order, ("Any lesion?", GROUNDED_REPORT_EVAL))]
+        scores = StopAt(eos, [])
+        rows = generator.generate(second, 6, LogitsProcessorList([scores, Script([[], [seg]], eos)]),
+                                  after=[first[i] for i in order])
+        return rows, scores.scores, generator.seg_queries([rows[1]])
+
+    plain_rows, plain_scores, plain_queries = two_rounds(DecodeSettings(loop="static", seg_from_decode=True), images)
+    calls = []
+    real = StaticDecoder.continue_last
+    monkeypatch.setattr(StaticDecoder, "continue_last", lambda *a, **k: calls.append(1) or real(*a, **k))
+    settings = DecodeSettings(loop="static", seg_from_decode=True, continue_rounds=True)
+    rows, scores, queries = two_rounds(settings, images)
+    assert calls == [1]
+    assert [g.token_ids.tolist() for g in rows] == [g.token_ids.tolist() for g in plain_rows] == [[], [seg]]
+    for ours, theirs in zip(scores, plain_scores, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    for ours, theirs in zip(queries, plain_queries, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+    calls.clear()
+    other = [images[0], images[1], np.ascontiguousarray(images[2][::-1])]  # row 2's first image is not round 1's
+    _, scores, _ = two_rounds(settings, other)
+    _, plain_scores, _ = two_rounds(DecodeSettings(loop="static"), other)
+    assert calls == []
+    for ours, theirs in zip(scores, plain_scores, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="continue_rounds needs loop='static'"):
+        DecodeSettings(continue_rounds=True)
 
 
 def test_image_features_are_computed_once_per_image(tiny, tmp_path):
