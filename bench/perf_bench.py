@@ -686,6 +686,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="JSON result; rows of earlier runs in it are kept unless re-measured")
     parser.add_argument("--device", help="default: cuda when available, else cpu")
     parser.add_argument("--no-graphs", action="store_true", help="ours without CUDA graphs of the decode step")
+    parser.add_argument("--grounded-batch", type=int, metavar="N",
+                        help="cases per batch of the batched grounded row (default: 32; 2 with --tiny)")
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="also profile ours (torch.profiler tables in DIR): one training step per task, 16 "
                              "decode steps at batch 1, and one batch of the grounded flow")
@@ -696,6 +698,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown section(s) {', '.join(sorted(unknown))}; known: {', '.join(SECTIONS)}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
     scale = TINY if args.tiny else FULL
+    if args.grounded_batch is not None:
+        if args.grounded_batch < 1:
+            parser.error(f"--grounded-batch must be at least 1, got {args.grounded_batch}")
+        scale = dataclasses.replace(scale, grounded_batch=args.grounded_batch)
     graphs = device.type == "cuda" and not args.no_graphs
     previous = json.loads(args.out.read_text()) if args.out is not None and args.out.is_file() else {}
     if previous.get("meta", {}).get("scale") not in (None, scale.model):
