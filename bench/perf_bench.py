@@ -334,15 +334,19 @@ class Script(LogitsProcessor):
 
 class ScriptedGenerator(Generator):
     """The pipeline's Generator replying `first` to one-image prompts (round 1) and `second` to two-image prompts
-    (round 2, after the tool turn)."""
+    (round 2, after the tool turn). `second_round_scores`: a ScoreLog that keeps the model's own scores of every
+    step of the rounds that continue an earlier one."""
 
-    def __init__(self, *args, first: list[int], second: list[int], **kwargs):
+    def __init__(self, *args, first: list[int], second: list[int], second_round_scores: ScoreLog | None = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
-        self.first, self.second = first, second
+        self.first, self.second, self.second_round_scores = first, second, second_round_scores
 
     def generate(self, prompts, max_new_tokens, logits_processor=None, after=None):
         scripts = [self.first if p.image_grid_thw.shape[0] == 1 else self.second for p in prompts]
-        return super().generate(prompts, max_new_tokens, LogitsProcessorList([Script(scripts, self.eos_id)]), after)
+        log = [self.second_round_scores] if after is not None and self.second_round_scores is not None else []
+        return super().generate(prompts, max_new_tokens, LogitsProcessorList([*log, Script(scripts, self.eos_id)]),
+                                after)
 
 
 def report_script(tokenizer, length: int) -> list[int]:
@@ -360,10 +364,11 @@ def bench_grounded(model: OmniAbnormCT, tokenizer, image_processor, scale: Scale
     script = {"first": [seg_id], "second": report_script(tokenizer, scale.report_tokens)}
     ours = dataclasses.replace(DecodeSettings.fast(), cuda_graphs=graphs)
 
-    def pipeline(settings: DecodeSettings, batch: int) -> OmniAbnormPipeline:
+    def pipeline(settings: DecodeSettings, batch: int, scores: ScoreLog | None = None) -> OmniAbnormPipeline:
         pipe = OmniAbnormPipeline(model, tokenizer, image_processor, device=device, batch_size=batch,
                                   max_new_tokens=scale.report_tokens + 8)
-        pipe.generator = ScriptedGenerator(pipe.model, tokenizer, image_processor, device, settings, **script)
+        pipe.generator = ScriptedGenerator(pipe.model, tokenizer, image_processor, device, settings, **script,
+                                           second_round_scores=scores)
         return pipe
 
     def timed_runs(settings: DecodeSettings) -> tuple[dict, list]:
@@ -393,6 +398,15 @@ def bench_grounded(model: OmniAbnormCT, tokenizer, image_processor, scale: Scale
             with profiled_parts(model, device) as prof:
                 pipeline(ours, scale.grounded_batch).run(cases[:scale.grounded_batch])
             write_profile(prof, device, profile / "grounded_batched.txt")
+        with trial(checks, "grounded_continued"):  # the second round from the first round's cache vs a full prefill
+            logs = {name: ScoreLog() for name in ("full", "continued")}
+            for name, settings in (("full", dataclasses.replace(ours, continue_rounds=False)), ("continued", ours)):
+                pipeline(settings, 2, logs[name]).run(cases[:2])
+            full, continued = (torch.cat(logs[name].scores) for name in ("full", "continued"))
+            checks["grounded_continued_max_abs_score_diff"] = float((continued - full).abs().max())
+            checks["grounded_score_abs_max"] = float(full.abs().max())
+            checks["grounded_continued_top1_agreement"] = float(
+                (continued.argmax(-1) == full.argmax(-1)).float().mean())
         if device.type == "cuda":  # ours with the decode step and the vision blocks compiled as well
             with trial(checks, "grounded_compiled"):
                 rates, compiled_texts = timed_runs(dataclasses.replace(ours, compile_step=True, compile_vision=True))

@@ -63,6 +63,7 @@ def test_tiny_run_end_to_end(tmp_path, capsys):
     assert checks["vision_max_abs_diff"] < 1e-4 and checks["linear_ce_abs_diff"] < 1e-4
     assert checks["packed_loss_abs_diff"] < 1e-4 and checks["train_samples_per_s_ours_packed"] > 0
     assert checks["decode_greedy_tokens_equal"] and checks["grounded_reports_equal"]
+    assert checks["grounded_continued_max_abs_score_diff"] < 1e-4 and checks["grounded_score_abs_max"] > 0
 
     assert main(["--tiny", "--only", "data", "--out", str(out)]) == 0
     again = json.loads(out.read_text())
