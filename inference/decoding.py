@@ -29,6 +29,7 @@ attending to those slots through an explicit key mask; the rest is the same loop
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -40,6 +41,7 @@ from model.omniabnorm import calls_in_use, compiled_calls
 
 CACHE_BUCKET = 256  # cache slots are rounded up to a multiple of this: few shapes, few graphs
 MAX_SHAPES = 4  # (batch, slots) caches and graphs kept; the least recently used beyond this is dropped
+_CALL_IDS = itertools.count(1)  # unique across decoders: a reply is continued only by the decoder that made it
 
 
 def bucket_len(length: int, bucket: int = CACHE_BUCKET) -> int:
@@ -86,7 +88,6 @@ class StaticDecoder:
         self._step_calls = compiled_calls(self._layers) if compile_step else None
         self._states: OrderedDict[tuple[int, int], _DecodeState] = OrderedDict()
         self.last: LastCall | None = None
-        self._calls = 0
 
     @torch.no_grad()
     def generate(self, inputs: dict[str, Tensor], max_new_tokens: int, logits_processor=None,
@@ -195,8 +196,7 @@ class StaticDecoder:
             if keep_hidden:  # a copy: a graph's output buffer is rewritten by the next replay
                 hidden.append(step_hidden.clone())
             state.positions.add_(1)
-        self._calls += 1
-        self.last = LastCall(self._calls, state, start, start + fed, state.key_mask[:, 0, 0, :start + fed].clone())
+        self.last = LastCall(next(_CALL_IDS), state, start, start + fed, state.key_mask[:, 0, 0, :start + fed].clone())
         return ids[:, length:length + steps], torch.stack(hidden, dim=1) if keep_hidden else None
 
     def _state(self, batch: int, slots: int, device: torch.device) -> _DecodeState:

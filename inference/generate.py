@@ -63,7 +63,7 @@ class DecodeSettings:
     merge_lora: bool = False  # add the LoRA updates into the base weights once (changes the model in place)
     reuse_image_features: bool = False  # run the vision tower once per distinct image, not once per forward
     varlen_vision: bool = False  # the vision tower's attention as one variable-length call per layer (changes the model)
-    # the vision blocks run through torch.compile inside generation (sizes dynamic after the second image batch)
+    # the vision blocks run through torch.compile inside generation (sizes turn dynamic over the first image batches)
     compile_vision: bool = False
     # static loop: its decode step runs the decoder layers through torch.compile (on CUDA its graph replays the
     # fused kernels). The prefill, vision tower and <SEG> forward stay eager: their shapes change with every prompt,
