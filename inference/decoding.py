@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 from transformers import StaticCache
 
-from model.omniabnorm import calls_in_use, compiled_calls
+from model.omniabnorm import DECODE_ATTENTION, calls_in_use, compiled_calls
 
 CACHE_BUCKET = 256  # cache slots are rounded up to a multiple of this: few shapes, few graphs
 MAX_SHAPES = 4  # (batch, slots) caches and graphs kept; the least recently used beyond this is dropped
@@ -211,12 +211,18 @@ class StaticDecoder:
 
     def _forward(self, state: _DecodeState) -> tuple[Tensor, Tensor]:
         """One decode step on the state's buffers → scores (B, V) of the next token, hidden state (B, D) of the
-        token fed in."""
+        token fed in. The layers attend with `decode_attention` (grouped query heads, compiled or not)."""
         language_model = self.vlm.model.language_model
-        with calls_in_use(self._layers, self._step_calls) if self._step_calls else contextlib.nullcontext():
-            hidden = language_model(inputs_embeds=language_model.embed_tokens(state.token),
-                                    position_ids=state.positions, attention_mask={"full_attention": state.key_mask},
-                                    past_key_values=state.cache, use_cache=True).last_hidden_state[:, -1]
+        config = language_model.config
+        attention, config._attn_implementation = config._attn_implementation, DECODE_ATTENTION
+        try:
+            with calls_in_use(self._layers, self._step_calls) if self._step_calls else contextlib.nullcontext():
+                hidden = language_model(inputs_embeds=language_model.embed_tokens(state.token),
+                                        position_ids=state.positions,
+                                        attention_mask={"full_attention": state.key_mask},
+                                        past_key_values=state.cache, use_cache=True).last_hidden_state[:, -1]
+        finally:
+            config._attn_implementation = attention
         return self.vlm.lm_head(hidden), hidden
 
     def _step(self, state: _DecodeState, device: torch.device) -> tuple[Tensor, Tensor]:

@@ -149,6 +149,30 @@ AttentionInterface.register(PACKED_ATTENTION, packed_attention)
 AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
 
 
+# The language model's attention in the static loop's decode step (inference/decoding.py).
+DECODE_ATTENTION = "omniabnorm_decode"
+
+
+def decode_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                     scaling: float, dropout: float = 0.0, **kwargs) -> tuple[Tensor, None]:
+    """One query per row over a cache with a key mask: query (B, Hq, 1, d), key and value (B, Hkv, S, d) → (B, 1,
+    Hq, d). Each KV head's group of query heads attends as one (B, Hkv, Hq / Hkv, d) query, as transformers does
+    eagerly (its `pack_gqa`), also under torch.compile, where transformers repeats every key and value head instead
+    (a (B, Hq, S, d) copy of the cache per layer and step: 7× the cache read at Qwen2.5-VL-7B's 28 / 4 heads).
+    Anything else goes to transformers' SDPA."""
+    batch, heads, length, dim = query.shape
+    groups = heads // key.shape[1]
+    if length != 1 or groups == 1 or dropout:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    grouped = query.reshape(batch, key.shape[1], groups, dim)
+    out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scaling)
+    return out.reshape(batch, heads, 1, dim).transpose(1, 2), None
+
+
+AttentionInterface.register(DECODE_ATTENTION, decode_attention)
+
+
 def set_vision_attention(vlm: Qwen2_5_VLForConditionalGeneration, kind: str) -> None:
     """Vision tower attention: "sdpa" (transformers' loop over windows) or "varlen" (`varlen_attention`). The
     language model keeps its own implementation."""

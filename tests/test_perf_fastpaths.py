@@ -256,14 +256,70 @@ def test_static_loop_gives_the_tokens_and_scores_of_generate(tiny):
         DecodeSettings(compile_step=True)
 
 
+def test_decode_attention_equals_sdpa_with_every_head_repeated():
+    """`decode_attention`: one query per row, 8 query heads on 2 KV heads, keys masked per row: the grouped call gives
+    what SDPA over repeated key and value heads gives (what transformers computes under torch.compile), and more
+    than one query goes to transformers' SDPA unchanged."""
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    rng = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(3, h, n, 16, generator=rng) for h, n in ((8, 1), (2, 10), (2, 10)))
+    mask = torch.rand(3, 1, 1, 10, generator=rng) > 0.3
+    mask[:, ..., 0] = True
+    module = nn.Module()
+    module.num_key_value_groups, module.is_causal = 4, True
+    out, _ = omniabnorm.decode_attention(module, query, key, value, mask, scaling=0.25)
+    expected = F.scaled_dot_product_attention(query, repeat_kv(key, 4), repeat_kv(value, 4), attn_mask=mask, scale=0.25)
+    torch.testing.assert_close(out, expected.transpose(1, 2), rtol=1e-5, atol=1e-6)
+    prefill = torch.randn(3, 8, 4, 16, generator=rng)
+    causal = torch.ones(4, 10, dtype=torch.bool).tril(diagonal=6)[None, None].expand(3, 1, 4, 10)
+    torch.testing.assert_close(omniabnorm.decode_attention(module, prefill, key, value, causal, scaling=0.25)[0],
+                               sdpa_attention_forward(module, prefill, key, value, causal, scaling=0.25)[0])
+
+
+def test_static_decode_steps_attend_with_decode_attention(tiny, monkeypatch):
+    """Every decode step of every layer goes through `decode_attention` (the prefill through the model's own), and the
+    language model's attention setting is what it was after the loop."""
+    from transformers import AttentionInterface
+
+    seen = []
+
+    def spy(module, query, *args, **kwargs):
+        seen.append(query.shape[2])
+        return omniabnorm.decode_attention(module, query, *args, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, omniabnorm.DECODE_ATTENTION, spy)
+    model = tiny[0]
+    before = model.vlm.model.language_model.config._attn_implementation
+    rows = _greedy(tiny, DecodeSettings(loop="static"), max_new_tokens=5)
+    layers = len(model.vlm.model.language_model.layers)
+    assert [len(t) for t in rows] == [5, 5] and seen == [1] * (4 * layers)  # tokens 0..3 fed back
+    assert model.vlm.model.language_model.config._attn_implementation == before
+
+
 @pytest.mark.slow
-def test_compiled_decode_step_gives_the_same_scores_and_leaves_the_prefill_eager(tiny):
+def test_compiled_decode_step_gives_the_same_scores_and_leaves_the_prefill_eager(tiny, monkeypatch):
     """DecodeSettings(compile_step=True): every step's scores equal the eager loop's. Only the step is compiled: the
     layers run eagerly again after each call, and prompts of another length (another prefill shape, the same cache)
     compile nothing new (compiling the prefill too made the H100's grounded flow 5× slower). Each decoder layer
     compiles a graph of its own (dynamo specialises on the layer's KV-cache index): `compiled_calls` must raise
     dynamo's limit on graphs per code object to fit them all, which a starting limit of 1 and a hard failure on
-    hitting it check (at 7B, 28 layers, torch's default 8 did not)."""
+    hitting it check (at 7B, 28 layers, torch's default 8 did not). The compiled step attends with grouped query
+    heads: transformers' SDPA would repeat every key and value head there (`repeat_kv`), never called in a step."""
+    from transformers.integrations import sdpa_attention
+
+    in_step, repeated = [False], []
+    step, repeat_kv = StaticDecoder._forward, sdpa_attention.repeat_kv
+
+    def forward(self, state):
+        in_step[0] = True
+        try:
+            return step(self, state)
+        finally:
+            in_step[0] = False
+
+    monkeypatch.setattr(StaticDecoder, "_forward", forward)
+    monkeypatch.setattr(sdpa_attention, "repeat_kv", lambda states, n: repeated.append(in_step[0]) or repeat_kv(states, n))
     model, tokenizer, image_processor, _ = tiny
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     eager_scores, compiled_scores = StopAt(eos, []), StopAt(eos, [])
@@ -289,6 +345,7 @@ def test_compiled_decode_step_gives_the_same_scores_and_leaves_the_prefill_eager
             assert len(shorter[0].input_ids) < max(len(p.input_ids) for p in prompts)
             generator.generate(shorter, 12)
             assert counters["stats"]["unique_graphs"] == graphs
+            assert not any(repeated)
         finally:
             torch._dynamo.reset()
 
