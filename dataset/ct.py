@@ -43,8 +43,11 @@ def window_to_uint8(hu: np.ndarray, level: float, width: float) -> np.ndarray:
 
 
 def stretch_to_uint8(gray: np.ndarray) -> np.ndarray:
-    """(H, W) → uint8 spread over its own min..max: how the released pipeline fed the key slice to the VLM."""
+    """(H, W) → uint8 spread over its own min..max: how the released pipeline fed the key slice to the VLM (`gray`
+    itself when it is uint8 already spanning 0..255)."""
     lo, hi = float(gray.min()), float(gray.max())
+    if gray.dtype == np.uint8 and (lo, hi) == (0.0, 255.0):  # already spread: the arithmetic below is the identity
+        return gray
     return np.rint((gray - lo) * (255.0 / max(hi - lo, 1e-10))).astype(np.uint8)
 
 

@@ -144,6 +144,7 @@ def seg_stack(slices: np.ndarray, key_index: int, context: int = CONTEXT, size: 
         index = key_index + channel - context
         if 0 <= index < slices.shape[0]:
             square[(channel, *geometry.inner)] = zscore(slices[index])
-    if not np.isfinite(square).all():
+    # Integer slices z-score to finite values (a constant slice gives zeros); only float input can hold NaN or inf.
+    if not np.issubdtype(slices.dtype, np.integer) and not np.isfinite(square).all():
         raise ValueError("the slice stack holds NaN or infinite values")
     return _resize(torch.from_numpy(square), size, binary=False).numpy(), geometry

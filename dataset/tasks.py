@@ -93,7 +93,8 @@ def load_record_images(record: Record, rng: np.random.Generator, train: bool, se
     else:
         key_gray = slices[0]
     lo_offset, hi_offset = min(slices), max(slices)
-    ordered = np.zeros((hi_offset - lo_offset + 1, *slices[0].shape), dtype=np.float32)  # gaps stay zero slices
+    # gaps stay zero slices; the slices' own dtype (uint8 for JPEG): seg_stack z-scores each in float32 anyway
+    ordered = np.zeros((hi_offset - lo_offset + 1, *slices[0].shape), dtype=np.result_type(*slices.values()))
     for offset, values in slices.items():
         ordered[offset - lo_offset] = values
     stack, geometry = seg_stack(ordered, key_index=-lo_offset, context=CONTEXT, size=seg_size)

@@ -137,3 +137,29 @@ def test_default_stack_is_9_by_512_square_padded():
     assert not stack[:2].any() and not stack[7:].any()  # slices −2, −1, 5 and 6 do not exist
     assert not stack[2:7, :, :126].any() and not stack[2:7, :, 386:].any()  # padding stays zero after bilinear
     assert (stack[2:7, :, 130:382] != 0).mean() > 0.99
+
+
+def test_integer_slices_stack_exactly_as_their_float32_copy():
+    """Workers hand seg_stack the slices' own dtype (uint8 for JPEG, a quarter of a float32 stack's bytes): the stack
+    is bit for bit that of the float32 copy, gaps (zero slices) and a constant slice included."""
+    rng = np.random.default_rng(3)
+    slices = rng.integers(0, 256, (7, 96, 80)).astype(np.uint8)
+    slices[1] = 0
+    slices[5] = 17
+    for key in (0, 3, 6):
+        ours, _ = seg_stack(slices, key_index=key, size=64)
+        reference, _ = seg_stack(slices.astype(np.float32), key_index=key, size=64)
+        assert np.array_equal(ours, reference)
+
+
+def test_stretch_to_uint8_of_a_full_range_uint8_slice_is_the_slice():
+    from dataset.ct import stretch_to_uint8
+
+    rng = np.random.default_rng(4)
+    full = rng.integers(0, 256, (32, 32)).astype(np.uint8)
+    full[0, 0], full[0, 1] = 0, 255
+    assert np.array_equal(stretch_to_uint8(full), full)
+    assert np.array_equal(stretch_to_uint8(full), stretch_to_uint8(full.astype(np.float32)))
+    narrow = (full // 2 + 10).astype(np.uint8)  # 10..137: spread to 0..255
+    assert stretch_to_uint8(narrow).min() == 0 and stretch_to_uint8(narrow).max() == 255
+    assert np.array_equal(stretch_to_uint8(narrow), stretch_to_uint8(narrow.astype(np.float32)))
