@@ -2,8 +2,9 @@
 
 The text is rendered exactly as Qwen2.5-VL's chat template does it and the whole string is tokenised at once (no
 per-segment tokenisation, so BPE merges match the released training), with one image placeholder per image that is
-then repeated to the number of visual tokens the image takes (the ids of the fully expanded text). Labels cover every assistant reply from after
-`<|im_start|>assistant\\n` up to and including its `<|im_end|>`; everything else is −100.
+then repeated to the number of visual tokens the image takes (the ids of the fully expanded text). Labels cover
+every assistant reply from after `<|im_start|>assistant\\n` up to and including its `<|im_end|>`; everything else
+is −100.
 """
 
 from __future__ import annotations

@@ -192,9 +192,11 @@ class OmniAbnormPipeline:
                      Turn("tool", "", images=1)]
             second_rows.append(i)
             second_prompts.append(Prompt(turns, [p.vlm_image, tool_image]))
-        second = dict(zip(second_rows, self.generator.generate(self.generator.encode_all(second_prompts, pool),
-                                                               self.max_new_tokens, after=[first[i] for i in second_rows]
-                                                               ))) if second_prompts else {}
+        second = {}
+        if second_prompts:  # each continues its first round (with --fast from that round's KV cache)
+            replies = self.generator.generate(self.generator.encode_all(second_prompts, pool), self.max_new_tokens,
+                                              after=[first[i] for i in second_rows])
+            second = dict(zip(second_rows, replies))
 
         elapsed = time.perf_counter() - began
         timing = {"batch_cases": len(prepared), "batch_seconds": round(elapsed, 4), "device": str(self.device)}
