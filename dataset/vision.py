@@ -3,10 +3,11 @@ in two stages so the float work can run on the GPU.
 
 The processor resizes with PIL, rescales in float64, normalises in float32, then reorders the pixels into patches
 (temporal copies included). Here:
-- `encode` (CPU): the resize is PIL's, same filter, same `smart_resize` size, applied band by band and once per
-  distinct band (PIL resamples bands independently with the same weights, so this is pixel-identical; a grey slice
-  costs one band); then the uint8 pixels are reordered into patches, one reshape/transpose: (patches, C·P·P) uint8
-  "pixel codes", a quarter of the float bytes and no temporal copies;
+- `encode` (CPU): the resize is PIL's, same filter, same `smart_resize` size, applied band by band (PIL resamples
+  bands independently with the same weights, so this is pixel-identical), and only where a band differs from one
+  already resized in the same call (`BandResizer`: a grey slice costs one band, the same slice with red marks a few
+  rows and columns more); then the uint8 pixels are reordered into patches, one reshape/transpose: (patches, C·P·P)
+  uint8 "pixel codes", a quarter of the float bytes and no temporal copies;
 - `values` (any device): rescale and normalise depend on one uint8 value and its channel only, so they are looked up
   in a (3, 256) float32 table computed once with the processor's own `rescale` / `normalize` (its arithmetic, order
   and dtypes, hence bit-identical; a fused x·a + b in float32 is off by up to 5e-7), and the temporal copies are
@@ -59,19 +60,6 @@ class VisionPreprocessor:
         return smart_resize(height, width, factor=self.patch_size * self.merge_size, min_pixels=self.min_pixels,
                             max_pixels=self.max_pixels)
 
-    def resized_bands(self, image: np.ndarray, height: int, width: int) -> np.ndarray:
-        """(H, W, 3) uint8 → (3, height, width) uint8, PIL's resize of each band."""
-        # each channel's first equal channel: all three on a grey slice, G and B on a grey slice with red marks
-        source = [next((k for k in range(c) if np.array_equal(image[:, :, k], image[:, :, c])), c)
-                  for c in range(CHANNELS)]
-        bands = {}
-        for k in set(source):
-            band = np.ascontiguousarray(image[:, :, k])
-            if (height, width) != band.shape:  # PIL's resize to the same size is a copy
-                band = np.asarray(Image.fromarray(band).resize((width, height), resample=self.resample))
-            bands[k] = band
-        return np.stack([bands[k] for k in source])
-
     def encode(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """images: (H, W, 3) uint8 RGB arrays → pixel codes (patches, 3·P·P) uint8, image_grid_thw (images, 3) int64
         (1, H'/P, W'/P per image), patches of all images concatenated in order, in the processor's patch order
@@ -88,11 +76,13 @@ class VisionPreprocessor:
         grid = torch.tensor([(1, h // p, w // p) for h, w in sizes], dtype=torch.int64)
         counts = grid.prod(dim=1).tolist()
         codes = np.empty((sum(counts), CHANNELS * p * p), dtype=np.uint8)
+        resize = BandResizer(self.resample)  # one per call: the images of one sample are often one slice, marked
         start = 0
         for image, (h, w), n in zip(images, sizes, counts):
             bh, bw = h // (p * m), w // (p * m)
+            bands = np.stack([resize(np.ascontiguousarray(image[:, :, c]), h, w) for c in range(CHANNELS)])
             # (C, H, W) → (blocks_h, blocks_w, merge_h, merge_w, C, P, P): the processor's patch order
-            blocks = self.resized_bands(image, h, w).reshape(CHANNELS, bh, m, p, bw, m, p).transpose(1, 4, 2, 5, 0, 3, 6)
+            blocks = bands.reshape(CHANNELS, bh, m, p, bw, m, p).transpose(1, 4, 2, 5, 0, 3, 6)
             codes[start:start + n].reshape(bh, bw, m, m, CHANNELS, p, p)[...] = blocks
             start += n
         return torch.from_numpy(codes), grid
@@ -116,3 +106,48 @@ class VisionPreprocessor:
         int64, on the CPU: `values(encode(images))`."""
         codes, grid = self.encode(images)
         return self.values(codes), grid
+
+
+class BandResizer:
+    """`BandResizer(resample)(band, height, width)` == `Image.fromarray(band).resize((width, height), resample)`, pixel
+    for pixel, for (H, W) uint8 bands, doing only the work that bands resized before by the same object leave.
+
+    PIL resizes in two separable passes whose integer weights depend only on the sizes: first horizontally, each
+    row of an 8-bit intermediate from its own input row, then vertically, each output column from its own
+    intermediate column. So a band equal to an earlier one except in some rows (the same slice with red marks: a
+    box, ellipse, contour or crop marks) redoes the first pass on those rows only, and the second on the
+    intermediate columns that then differ; every other pixel is the earlier band's. Bands are kept by reference,
+    so callers must not change them while the object is in use.
+    """
+
+    def __init__(self, resample: Image.Resampling):
+        self.resample = resample
+        self.done: list[tuple[np.ndarray, tuple[int, int], np.ndarray, np.ndarray]] = []  # band, size, mid, out
+
+    def _pil(self, array: np.ndarray, height: int, width: int) -> np.ndarray:
+        return np.asarray(Image.fromarray(array).resize((width, height), resample=self.resample))
+
+    def __call__(self, band: np.ndarray, height: int, width: int) -> np.ndarray:
+        """band: (H, W) uint8 C-contiguous → (height, width) uint8."""
+        if band.shape == (height, width):  # PIL's resize to the same size is a copy
+            return band
+        for earlier, size, earlier_mid, earlier_out in self.done:
+            if size != (height, width) or earlier.shape != band.shape:
+                continue
+            rows = np.flatnonzero((earlier != band).any(axis=1))
+            if rows.size == 0:
+                return earlier_out
+            if 2 * rows.size > band.shape[0]:  # mostly different: no cheaper than a whole resize
+                continue
+            mid = earlier_mid.copy()
+            mid[rows] = self._pil(band[rows], rows.size, width)
+            columns = np.flatnonzero((mid[rows] != earlier_mid[rows]).any(axis=0))
+            out = earlier_out.copy()
+            if columns.size:
+                out[:, columns] = self._pil(np.ascontiguousarray(mid[:, columns]), height, columns.size)
+            break
+        else:
+            mid = self._pil(band, band.shape[0], width)
+            out = self._pil(mid, height, width)
+        self.done.append((band, (height, width), mid, out))
+        return out

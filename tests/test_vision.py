@@ -4,14 +4,12 @@ import torch
 from PIL import Image
 from transformers import Qwen2VLImageProcessorPil
 
-from dataset.vision import VisionPreprocessor
+from dataset.ct import gray_rgb
+from dataset.vision import BandResizer, VisionPreprocessor
+from dataset.visual_prompt import PROMPT_KINDS, draw_boxes, draw_prompt
 from model.omniabnorm import build_image_processor
 
 REAL, TINY = 512 * 512, 56 * 56
-
-
-def gray_rgb(gray: np.ndarray) -> np.ndarray:
-    return np.repeat(gray[:, :, None], 3, axis=2)
 
 
 def make_images() -> dict[str, np.ndarray]:
@@ -127,3 +125,56 @@ def test_reads_every_setting_from_the_processor(settings):
 def test_bad_input(processors, bad, message):
     with pytest.raises(ValueError, match=message):
         VisionPreprocessor(processors[TINY])(bad)
+
+
+def marked_versions(gray: np.ndarray) -> list[np.ndarray]:
+    """A grey slice as RGB, then the same slice with red boxes (a tool turn) and with each visual prompt kind."""
+    h, w = gray.shape
+    image = gray_rgb(gray)
+    mask = np.zeros((h, w), bool)
+    mask[h // 4:h // 2, w // 5:w // 2] = True
+    return [image, draw_boxes(image, [(w // 5, h // 4, w // 2, h // 2), (w - 12, h - 10, w - 1, h - 1)]),
+            *[draw_prompt(image, [mask], kind) for kind in PROMPT_KINDS]]
+
+
+@pytest.mark.parametrize("pixels", [REAL, TINY])
+def test_a_slice_and_its_marked_copies_in_one_call(processors, pixels):
+    """A sample's images are one slice, unmarked and marked: bands after the first are resized only where they
+    differ from it, and the result is still the processor's, bit for bit."""
+    gray = np.random.default_rng(7).integers(0, 256, (300, 260), dtype=np.uint8)
+    batch = marked_versions(gray)
+    assert_same(VisionPreprocessor(processors[pixels])(batch), reference(processors[pixels], batch))
+
+
+@pytest.mark.parametrize("resample", list(Image.Resampling))
+def test_band_resizer_is_pils_resize(resample):
+    """Random bands, random sizes up and down, each filter: bands that differ from an earlier one in a few rows
+    (marks), in most rows (another slice), or not at all."""
+    rng = np.random.default_rng(int(resample))
+    for _ in range(12):
+        shape, size = tuple(rng.integers(5, 120, 2)), tuple(rng.integers(5, 160, 2))
+        first = rng.integers(0, 256, shape, dtype=np.uint8)
+        marked = first.copy()
+        y, x = rng.integers(0, shape[0]), rng.integers(0, shape[1])
+        marked[y:y + 3, x:] = 255
+        marked[y:, x:x + 1] = 0
+        resize = BandResizer(resample)
+        for band in (first, marked, marked.copy(), rng.integers(0, 256, shape, dtype=np.uint8)):
+            expected = np.asarray(Image.fromarray(band).resize(size[::-1], resample=resample))
+            assert np.array_equal(resize(band, *size), expected)
+
+
+def test_band_resizer_redoes_only_the_marked_rows_and_columns(monkeypatch):
+    resize = BandResizer(Image.Resampling.BICUBIC)
+    calls = []
+    pil = resize._pil
+    monkeypatch.setattr(resize, "_pil", lambda array, h, w: calls.append(array.shape) or pil(array, h, w))
+    gray = np.random.default_rng(8).integers(0, 256, (512, 512), dtype=np.uint8)
+    resize(gray, 532, 532)
+    assert calls == [(512, 512), (512, 532)]  # horizontal pass, then vertical
+    calls.clear()
+    marked = gray.copy()
+    marked[100:103, 200:300] = 255  # a 3-row line: 3 rows again, then the ~100 columns it reaches
+    resize(marked, 532, 532)
+    (rows, width), (height, columns) = calls
+    assert (rows, width, height) == (3, 512, 512) and 100 <= columns < 120
