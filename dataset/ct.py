@@ -42,13 +42,18 @@ def window_to_uint8(hu: np.ndarray, level: float, width: float) -> np.ndarray:
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
+def gray_rgb(gray: np.ndarray) -> np.ndarray:
+    """(H, W) → (H, W, 3), the value in every channel: a grey slice as an RGB image."""
+    return np.stack((gray, gray, gray), axis=-1)  # twice as fast as np.repeat along a new last axis
+
+
 def stretch_to_uint8(gray: np.ndarray) -> np.ndarray:
-    """(H, W) → uint8 spread over its own min..max: how the released pipeline fed the key slice to the VLM (`gray`
-    itself when it is uint8 already spanning 0..255)."""
+    """(H, W) any numeric → uint8 spread over its own min..max, in float32 arithmetic whatever the input dtype: how
+    the released pipeline fed the key slice to the VLM (`gray` itself when it is uint8 already spanning 0..255)."""
     lo, hi = float(gray.min()), float(gray.max())
     if gray.dtype == np.uint8 and (lo, hi) == (0.0, 255.0):  # already spread: the arithmetic below is the identity
         return gray
-    return np.rint((gray - lo) * (255.0 / max(hi - lo, 1e-10))).astype(np.uint8)
+    return np.rint((np.asarray(gray, np.float32) - lo) * (255.0 / max(hi - lo, 1e-10))).astype(np.uint8)
 
 
 @dataclass
@@ -100,7 +105,7 @@ class SliceStack:
         if self.key_rgb is not None:
             return self.key_rgb
         gray = self.display(window)[self.key_index]
-        return np.repeat(gray[:, :, None], 3, axis=2)
+        return gray_rgb(gray)
 
     def with_key(self, key_index: int) -> SliceStack:
         return replace(self, key_index=key_index, key_rgb=None if key_index != self.key_index else self.key_rgb)

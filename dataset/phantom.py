@@ -41,7 +41,7 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from dataset.ct import PLANES, WINDOW_PRESETS, InputError, Volume, window_to_uint8
+from dataset.ct import PLANES, WINDOW_PRESETS, InputError, Volume, gray_rgb, window_to_uint8
 from dataset.visual_prompt import PROMPT_KINDS, draw_prompt
 from utils.atomic import atomic_folder
 
@@ -520,7 +520,7 @@ def _write_sample(case: PhantomCase, out: Path, sample_id: str, valid: bool, rng
         encoded = _jpeg(slice_gray)
         (image_dir / f"{o}.jpg").write_bytes(encoded)
         if o == 0:  # prompts are drawn on the key slice as stored, like drawing them online from the files does
-            key_rgb = np.repeat(np.asarray(Image.open(io.BytesIO(encoded)))[:, :, None], 3, axis=2)
+            key_rgb = gray_rgb(np.asarray(Image.open(io.BytesIO(encoded))))
     datum: dict = {"image": f"images/{sample_id}", "mask": f"masks/{sample_id}", "context": case.context(),
                    "plane": case.plane}
     findings = case.findings()

@@ -22,7 +22,7 @@ from PIL import Image
 from pydicom.errors import InvalidDicomError
 from pydicom.misc import is_dicom
 
-from dataset.ct import PLANES, InputError, Plane, SliceStack, Volume
+from dataset.ct import PLANES, InputError, Plane, SliceStack, Volume, gray_rgb
 
 PathArg = str | PathLike
 Naming = Literal["auto", "sequence", "offset"]
@@ -100,7 +100,7 @@ def _image_slice(arr: np.ndarray, path: Path, hu_offset: float | None
     if arr.ndim == 3:
         luma = np.asarray(Image.fromarray(arr, "RGB").convert("L"))  # ITU-R 601 luma, as Pillow computes it
         return luma.astype(np.float32), arr, False
-    return arr.astype(np.float32), np.repeat(arr[:, :, None], 3, axis=2), False
+    return arr.astype(np.float32), gray_rgb(arr), False
 
 
 def _check_plane(plane: str) -> None:

@@ -89,13 +89,16 @@ class Record:
         return _find(self.image_dir, str(offset), SLICE_SUFFIXES, f"slice {offset} of sample {self.sample_id}")
 
     def read_slice(self, offset: int) -> np.ndarray:
-        """(H, W) float32: display values (8-bit files) or HU (converted files) of the slice at `offset`."""
+        """(H, W) of the slice at `offset`: HU as float32 (converted files, `hu_offset` set), otherwise display
+        values as stored (uint8 or uint16 gray; float32 luma of a colour-saved slice). Stored integers stay integers:
+        every consumer converts to float32 itself, and the copy here would cost a tenth of a sample's preparation."""
         array = load_image_array(self.slice_path(offset))
         if array.ndim == 3:  # colour-saved gray slices: luma, as a radiologist's viewer would show them
-            array = array[..., :3] @ np.array([0.299, 0.587, 0.114])
+            array = (array[..., :3] @ np.array([0.299, 0.587, 0.114])).astype(np.float32)
+        if self.hu_offset is None:
+            return array
         values = array.astype(np.float32)
-        if self.hu_offset is not None:
-            values -= self.hu_offset
+        values -= self.hu_offset
         return values
 
     def read_slices(self) -> dict[int, np.ndarray]:

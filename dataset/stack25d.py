@@ -26,14 +26,18 @@ ArrayLike = TypeVar("ArrayLike", np.ndarray, torch.Tensor)
 _EPS = 1e-6  # slack for float round-off when mapping pixel edges
 
 
-def zscore(slice: np.ndarray) -> np.ndarray:
-    """(H, W) any numeric → (H, W) float32 (x − mean) / std over this slice alone; a constant slice → zeros.
-    Non-finite values make the result non-finite (callers check)."""
+def zscore(slice: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """(H, W) any numeric → (H, W) float32 (x − mean) / std over this slice alone, written into `out` (an (H, W)
+    float32 array or view) when given; a constant slice → zeros. Non-finite values make the result non-finite
+    (callers check)."""
     x = np.asarray(slice, dtype=np.float32)
+    if out is None:
+        out = np.empty(x.shape, np.float32)
     if x.size == 0 or x.min() == x.max():  # exact test: a round-off std would blow constant slices up into noise
-        return np.zeros(x.shape, np.float32)
-    centred = x - x.mean()  # float32 pairwise summation: accurate to ~1e-6 of the values
-    flat = centred.ravel()
+        out[...] = 0.0
+        return out
+    centred = np.subtract(x, x.mean(), out=out)  # float32 pairwise summation: accurate to ~1e-6 of the values
+    flat = centred.ravel()  # a copy only when `out` is a strided view
     std = np.sqrt(np.dot(flat, flat) / flat.size)  # centred first, so E[x²] has no cancellation
     centred /= std
     return centred
@@ -138,12 +142,14 @@ def seg_stack(slices: np.ndarray, key_index: int, context: int = CONTEXT, size: 
     if context < 0:
         raise ValueError(f"context must be ≥ 0, got {context}")
     geometry = SquareGeometry(slices.shape[1], slices.shape[2], size)
-    # z-score straight into the padded square: one pass less than to_model's pad-then-copy.
-    square = np.zeros((2 * context + 1, geometry.side, geometry.side), np.float32)
-    for channel in range(2 * context + 1):
-        index = key_index + channel - context
+    # z-score straight into the padded square: one pass less than to_model's pad-then-copy. Zero-filled only where
+    # something stays zero (padding, missing neighbours): filling 9 MB that is overwritten anyway costs a millisecond.
+    channels = range(key_index - context, key_index + context + 1)
+    filled = geometry.side == geometry.height == geometry.width and all(0 <= i < slices.shape[0] for i in channels)
+    square = (np.empty if filled else np.zeros)((2 * context + 1, geometry.side, geometry.side), np.float32)
+    for channel, index in enumerate(channels):
         if 0 <= index < slices.shape[0]:
-            square[(channel, *geometry.inner)] = zscore(slices[index])
+            zscore(slices[index], out=square[(channel, *geometry.inner)])
     # Integer slices z-score to finite values (a constant slice gives zeros); only float input can hold NaN or inf.
     if not np.issubdtype(slices.dtype, np.integer) and not np.isfinite(square).all():
         raise ValueError("the slice stack holds NaN or infinite values")

@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 
 from dataset.collate import Sample
 from dataset.conversation import Turn, encode
-from dataset.ct import InputError, stretch_to_uint8, window_to_uint8
+from dataset.ct import InputError, gray_rgb, stretch_to_uint8, window_to_uint8
 from dataset.prompts import (
     GROUNDED_REPORT_EVAL,
     GROUNDED_REPORT_PER_FINDING_EVAL,
@@ -98,7 +98,7 @@ def load_record_images(record: Record, rng: np.random.Generator, train: bool, se
     for offset, values in slices.items():
         ordered[offset - lo_offset] = values
     stack, geometry = seg_stack(ordered, key_index=-lo_offset, context=CONTEXT, size=seg_size)
-    key_rgb = np.repeat(stretch_to_uint8(key_gray)[:, :, None], 3, axis=2)
+    key_rgb = gray_rgb(stretch_to_uint8(key_gray))
     return RecordImages(key_rgb, stack, lambda masks: geometry.to_model(masks, binary=True).astype(bool))
 
 
@@ -119,7 +119,7 @@ class SampleBuilder:
     def __call__(self, turns: Sequence[Turn], images: Sequence[np.ndarray], stack: np.ndarray | None = None,
                  masks: np.ndarray | None = None, rng: np.random.Generator | None = None, meta: dict | None = None
                  ) -> Sample:
-        """images: (H, W, 3) uint8 in order of appearance; stack (S, size, size) and masks (N, size, size), one
+        """images: (H, W, 3) uint8 in order of appearance; stack (S, size, size) and masks (N, size, size) bool, one
         mask per `<SEG>` in the conversation, when the task segments. With `augment`, the sample carries the seed of
         its augmentation (drawn from `rng`), applied later by dataset.finish.BatchFinisher."""
         pixel_codes = grid = None
@@ -134,7 +134,7 @@ class SampleBuilder:
             if masks is None or masks.shape[0] != n_seg:
                 raise ValueError(f"{n_seg} {SEG_TOKEN} token(s) in the conversation but "
                                  f"{0 if masks is None else masks.shape[0]} mask(s)")
-            seg_slices, seg_masks = torch.from_numpy(stack), torch.from_numpy(masks.astype(np.float32))
+            seg_slices, seg_masks = torch.from_numpy(stack), torch.from_numpy(np.asarray(masks, dtype=bool))
             seed = int(rng.integers(2**32)) if self.augment else None
         return Sample(conversation, pixel_codes, grid, seg_slices, seg_masks, seed, meta or {})
 
@@ -241,7 +241,7 @@ class VisualPromptTask(RecordTask):
         path = record.image_dir / "visual_instruction" / name
         if not self.online and path.is_file():
             array = load_image_array(path)
-            return np.repeat(array[:, :, None], 3, axis=2) if array.ndim == 2 else array[..., :3]
+            return gray_rgb(array) if array.ndim == 2 else array[..., :3]
         key = record.read_slice(0)
         if record.hu_offset is not None:  # drawn like the pre-rendered prompts: one fixed window
             lo, hi = record_window(record, None, train=False)
@@ -252,7 +252,7 @@ class VisualPromptTask(RecordTask):
         groups = record.groups() if scope == "all" else [Group(0, [a for a in record.abnormalities if a.id in ids])]
         marks = self.unions(record, masks, groups) if scope != "group" or kind == "cropped" else \
             masks[[i for i, a in enumerate(record.abnormalities) if a.id in ids]]
-        return draw_prompt(np.repeat(gray[:, :, None], 3, axis=2), list(marks), kind)
+        return draw_prompt(gray_rgb(gray), list(marks), kind)
 
 
 class GroundingTask(RecordTask):
@@ -386,7 +386,7 @@ class ImageTextTask(TaskDataset):
     def build(self, item, rng):
         path, question, answer = item
         array = load_image_array(path)
-        image = np.repeat(array[:, :, None], 3, axis=2) if array.ndim == 2 else array[..., :3]
+        image = gray_rgb(array) if array.ndim == 2 else array[..., :3]
         if image.dtype != np.uint8:
             image = stretch_to_uint8(image[..., 0].astype(np.float32))[:, :, None].repeat(3, axis=2)
         turns = [Turn("user", question, images=1), Turn("assistant", answer)]

@@ -18,7 +18,7 @@ from typing import Literal
 
 import numpy as np
 
-from dataset.ct import WINDOW_PRESETS, InputError, SliceStack, stretch_to_uint8, window_to_uint8
+from dataset.ct import WINDOW_PRESETS, InputError, SliceStack, gray_rgb, stretch_to_uint8, window_to_uint8
 from dataset.prompts import GROUNDED_REPORT_EVAL, GROUNDED_REPORT_PER_FINDING_EVAL, visual_prompt_instruction
 from dataset.readers import IMAGE_EXTENSIONS, NIFTI_EXTENSIONS, load_ct, load_image_array
 from dataset.stack25d import SquareGeometry, seg_stack
@@ -275,8 +275,8 @@ def prepare(case: Case, seg_size: int, seg_slices: int) -> PreparedCase:
     }
     # Training fed grounding tasks the key slice stretched over its min..max (dataset/tasks.py) and visual prompts
     # the slice as displayed, marks drawn on it; a colour input keeps its colours (the user's marks) for the latter.
-    key_rgb = np.repeat(stretch_to_uint8(display.astype(np.float32))[:, :, None], 3, axis=2)
-    base = stack.key_rgb if stack.key_rgb is not None and not stack.is_hu else np.repeat(display[:, :, None], 3, 2)
+    key_rgb = gray_rgb(stretch_to_uint8(display))
+    base = stack.key_rgb if stack.key_rgb is not None and not stack.is_hu else gray_rgb(display)
 
     seg, geometry, indices = None, None, []
     instruction, visual_prompt, vlm_image = case.prompt, None, key_rgb

@@ -32,6 +32,7 @@ import torch
 from safetensors import SafetensorError
 
 from dataset.conversation import Turn
+from dataset.ct import gray_rgb
 from dataset.prompts import NO_ABNORMALITY, NO_RELEVANT_ABNORMALITY
 from dataset.visual_prompt import draw_boxes, mask_box
 from inference.cases import (
@@ -242,7 +243,7 @@ class OmniAbnormPipeline:
         generation = {"decoding": "greedy", "max_new_tokens": self.max_new_tokens,
                       "finished": all(r["finished"] for r in rounds), "seg_tokens": sum(
                           int((g.token_ids == self.model.seg_token_id).sum()) for g in (first, second) if g)}
-        overlay_base = p.vlm_image if p.task == "visual_prompt" else np.repeat(p.display[:, :, None], 3, axis=2)
+        overlay_base = p.vlm_image if p.task == "visual_prompt" else gray_rgb(p.display)
         return Report(case_id, p.task, p.case.flow if p.task == "grounded" else None, p.instruction,
                       p.case.prompt, p.visual_prompt, text, refusal, rounds,
                       findings, p.stack_info, preprocessing, dict(self.identity), generation, timing, overlay_base)

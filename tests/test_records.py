@@ -47,6 +47,7 @@ def test_train_file_groups_masks_and_relative_root(tmp_path):
     assert r1.groups()[1].rewritten_findings == ["Rewritten 2.", "Rewritten 3."]
     slices = r1.read_slices()
     assert sorted(slices) == [-1, 0, 1] and abs(float(slices[1].mean()) - 110) < 1
+    assert slices[0].dtype == np.uint8  # 8-bit files stay bytes: consumers convert to float32 themselves
     masks = r1.read_masks([1, 3], (40, 32))
     assert masks.dtype == bool and masks.sum(axis=(1, 2)).tolist() == [30, 30]  # JPEG ringing thresholded away
     assert masks[0, 2:8, 3:8].all() and masks[1, 30:36, 5:10].all()
@@ -64,7 +65,8 @@ def test_grouped_test_file_and_hu_slices(tmp_path):
     assert [a.group_id for a in record.abnormalities] == [7, 7] and record.windows == [(-100.0, 200.0)]
     assert record.abnormalities[0].negative_prompts == ["Evaluate the spleen."]
     assert "Is there a liver lesion?" in record.abnormalities[0].referring_prompts
-    assert record.read_slices()[1][0, 0] == 41.0  # HU = stored − 32768, exactly
+    hu = record.read_slices()[1]
+    assert hu.dtype == np.float32 and hu[0, 0] == 41.0  # HU = stored − 32768, exactly
 
 
 @pytest.mark.parametrize("mutate, message", [

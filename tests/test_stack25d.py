@@ -163,3 +163,17 @@ def test_stretch_to_uint8_of_a_full_range_uint8_slice_is_the_slice():
     narrow = (full // 2 + 10).astype(np.uint8)  # 10..137: spread to 0..255
     assert stretch_to_uint8(narrow).min() == 0 and stretch_to_uint8(narrow).max() == 255
     assert np.array_equal(stretch_to_uint8(narrow), stretch_to_uint8(narrow.astype(np.float32)))
+
+
+def test_a_full_square_stack_is_each_slice_z_scored_in_place():
+    """Nine present square slices at the model size: the stack is written without zero-filling first (np.empty),
+    so every channel must be exactly its slice's own z-score, garbage nowhere."""
+    rng = np.random.default_rng(5)
+    slices = rng.integers(0, 256, (9, 48, 48)).astype(np.uint8)
+    slices[3] = 9  # a constant slice becomes zeros
+    stack, _ = seg_stack(slices, key_index=4, size=48)
+    for channel, values in zip(stack, slices):
+        assert np.array_equal(channel, zscore(values))
+    reference = (slices[0] - slices[0].mean(dtype=np.float64)) / slices[0].std(dtype=np.float64)
+    np.testing.assert_allclose(stack[0], reference, atol=1e-5)
+    assert not stack[3].any()

@@ -14,7 +14,7 @@ from math import ceil
 import cv2
 import numpy as np
 
-from dataset.ct import SliceStack, window_to_uint8
+from dataset.ct import SliceStack, gray_rgb, window_to_uint8
 from dataset.visual_prompt import RED, draw_boxes, draw_ellipse
 from inference.report import OVERLAY_MIN_SIDE, FindingResult, render_overlay
 
@@ -42,7 +42,7 @@ def slice_rgb(stack: SliceStack, index: int, window: tuple[float, float] | None)
         return stack.key_rgb
     else:
         gray = stack.display()[index]
-    return np.repeat(gray[:, :, None], 3, axis=2)
+    return gray_rgb(gray)
 
 
 def box_ellipse(box: Box) -> tuple[float, float, float, float]:
