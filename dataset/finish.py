@@ -36,6 +36,8 @@ class BatchFinisher:
         batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
         if "pixel_codes" in batch:
             batch["pixel_values"] = self.vision.values(batch.pop("pixel_codes"))
+        if "seg_masks" in batch:  # collated as bool (dataset/collate.py); losses and augmentation take float32
+            batch["seg_masks"] = batch["seg_masks"].float()
         if seeds is not None and self.augment is not None:
             # Row by row: each sample has its own draws. Padding masks (beyond seg_target_mask) are zero and stay so.
             rows = [self.augment(slices, masks, seed)
