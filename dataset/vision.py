@@ -131,7 +131,8 @@ class BandResizer:
         """band: (H, W) uint8 C-contiguous → (height, width) uint8."""
         if band.shape == (height, width):  # PIL's resize to the same size is a copy
             return band
-        for earlier, size, earlier_mid, earlier_out in self.done:
+        for earlier, size, earlier_mid, earlier_out in reversed(self.done):  # latest first: a band
+            # often equals the one just before it (grey: all three; red marks: green and blue), found at once
             if size != (height, width) or earlier.shape != band.shape:
                 continue
             rows = np.flatnonzero((earlier != band).any(axis=1))

@@ -152,7 +152,9 @@ def test_integer_slices_stack_exactly_as_their_float32_copy():
         assert np.array_equal(ours, reference)
 
 
-def test_stretch_to_uint8_of_a_full_range_uint8_slice_is_the_slice():
+def test_stretch_to_uint8_of_integer_slices_is_that_of_their_float32_copy():
+    """8- and 16-bit slices are stretched through a lookup table of every possible value: bit for bit the float32
+    arithmetic on each pixel; a full-range uint8 slice is returned as it is."""
     from dataset.ct import stretch_to_uint8
 
     rng = np.random.default_rng(4)
@@ -163,6 +165,12 @@ def test_stretch_to_uint8_of_a_full_range_uint8_slice_is_the_slice():
     narrow = (full // 2 + 10).astype(np.uint8)  # 10..137: spread to 0..255
     assert stretch_to_uint8(narrow).min() == 0 and stretch_to_uint8(narrow).max() == 255
     assert np.array_equal(stretch_to_uint8(narrow), stretch_to_uint8(narrow.astype(np.float32)))
+    for high in (1, 4095, 65535):  # 16-bit: a 12-bit CT range, the full range, a two-value mask-like slice
+        wide = rng.integers(0, high + 1, (40, 24)).astype(np.uint16)
+        wide[0, 0] = high
+        assert np.array_equal(stretch_to_uint8(wide), stretch_to_uint8(wide.astype(np.float32)))
+    constant = np.full((8, 8), 7, np.uint8)
+    assert np.array_equal(stretch_to_uint8(constant), np.zeros((8, 8), np.uint8))
 
 
 def test_a_full_square_stack_is_each_slice_z_scored_in_place():
