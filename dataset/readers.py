@@ -80,6 +80,12 @@ def load_image_array(path: PathArg) -> np.ndarray:
                      f"(values 0..65535) or RGB")
 
 
+def luma(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 RGB → (H, W) uint8 ITU-R 601 luma as Pillow's "L" conversion computes and rounds it: how a
+    colour-saved slice is read as grey, in training and inference alike."""
+    return np.asarray(Image.fromarray(np.ascontiguousarray(rgb), "RGB").convert("L"))
+
+
 def _drop_alpha(arr: np.ndarray) -> np.ndarray:
     """(H, W, C + 1) uint8 with alpha last → (H, W, C) composited onto black; (H, W) when C is 1."""
     color, alpha = arr[..., :-1], arr[..., -1:]
@@ -98,8 +104,7 @@ def _image_slice(arr: np.ndarray, path: Path, hu_offset: float | None
     if hu_offset is not None:
         raise InputError(f"{path} is an 8-bit image (already windowed); an HU offset applies to 16-bit images only")
     if arr.ndim == 3:
-        luma = np.asarray(Image.fromarray(arr, "RGB").convert("L"))  # ITU-R 601 luma, as Pillow computes it
-        return luma.astype(np.float32), arr, False
+        return luma(arr).astype(np.float32), arr, False
     return arr.astype(np.float32), gray_rgb(arr), False
 
 

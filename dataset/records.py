@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from dataset.ct import InputError
-from dataset.readers import load_image_array
+from dataset.readers import load_image_array, luma
 
 SLICE_SUFFIXES = (".jpg", ".jpeg", ".png")
 MASK_SUFFIXES = (".jpeg", ".jpg", ".png")
@@ -90,11 +90,12 @@ class Record:
 
     def read_slice(self, offset: int) -> np.ndarray:
         """(H, W) of the slice at `offset`: HU as float32 (converted files, `hu_offset` set), otherwise display
-        values as stored (uint8 or uint16 gray; float32 luma of a colour-saved slice). Stored integers stay integers:
-        every consumer converts to float32 itself, and the copy here would cost a tenth of a sample's preparation."""
+        values as stored (uint8 or uint16 gray; a colour-saved slice's uint8 luma, `readers.luma`). Stored integers
+        stay integers: every consumer converts to float32 itself, and the copy here would cost a tenth of a sample's
+        preparation."""
         array = load_image_array(self.slice_path(offset))
-        if array.ndim == 3:  # colour-saved gray slices: luma, as a radiologist's viewer would show them
-            array = (array[..., :3] @ np.array([0.299, 0.587, 0.114])).astype(np.float32)
+        if array.ndim == 3:  # colour-saved gray slices: read as inference reads them
+            array = luma(array)
         if self.hu_offset is None:
             return array
         values = array.astype(np.float32)

@@ -95,3 +95,16 @@ def test_missing_files_are_named(tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(InputError, match="not valid JSON"):
         load_records(tmp_path / "bad.json")
+
+
+def test_a_colour_saved_slice_reads_as_inference_reads_it(tmp_path):
+    """A slice saved as RGB JPEG (grey with slight colour noise) gives training the uint8 luma inference's reader
+    gives for the same file (Pillow's ITU-R 601 "L"), not a float of its own."""
+    datum = write_sample(tmp_path, "s1", context=(0,))
+    rgb = np.random.default_rng(0).integers(0, 256, (40, 32, 3)).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "images" / "s1" / "0.jpg", quality=95)
+    (tmp_path / "test.json").write_text(json.dumps({"s1": datum}))
+    key = load_records(tmp_path / "test.json")[0].read_slice(0)
+    from dataset.readers import read_image
+
+    assert key.dtype == np.uint8 and np.array_equal(key, read_image(tmp_path / "images" / "s1" / "0.jpg").pixels[0])
