@@ -388,7 +388,7 @@ class ImageTextTask(TaskDataset):
         array = load_image_array(path)
         image = gray_rgb(array) if array.ndim == 2 else array[..., :3]
         if image.dtype != np.uint8:
-            image = stretch_to_uint8(image[..., 0].astype(np.float32))[:, :, None].repeat(3, axis=2)
+            image = gray_rgb(stretch_to_uint8(image[..., 0]))
         turns = [Turn("user", question, images=1), Turn("assistant", answer)]
         return self.builder(turns, [image], meta={"image": str(path)})
 
