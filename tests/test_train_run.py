@@ -162,11 +162,23 @@ def test_fsdp2_matches_ddp_and_resumes(ddp_run, tmp_path):
     fsdp, ddp = losses(out), losses(ddp_run)
     assert sorted(fsdp) == [1, 2, 3, 4]
     assert [fsdp[s] for s in range(1, 5)] == pytest.approx([ddp[s] for s in range(1, 5)], abs=1e-6)
-    # The model/ export is written from the gathered shards and matches DDP's. Tolerance: the U-Net's conv biases
+    # The model/ exports are written from the gathered shards and match DDP's. Tolerances: the U-Net's conv biases
     # feed an instance norm, so their true gradient is zero and AdamW turns the two reductions' float noise into
-    # updates of up to about 1e-4 after 4 steps; a rank that skipped the gradient average would be off by ~lr (3e-3).
-    step = "checkpoints/step_000004/model"
-    for name in ("vlm_trained.safetensors", "seg_module.safetensors"):
-        a, b = load_file(out / step / name), load_file(ddp_run / step / name)
-        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=2e-4) for k in a), name
-    assert load_checkpoint(out / step)
+    # updates of up to about 1e-4 (measured 6e-5 at step 2). From step 3 on the two runs' seg modules may part
+    # further: their parameters differ by that noise, and where a LeakyReLU input lies within it of zero (one of
+    # 16384 elements at 16², measured 1.6e-6) its slope flips between 1 and 0.01 in one run only; the instance norm
+    # spreads the flip over its channel, upstream gradients move by ~0.5 % and AdamW turns small ones into updates of
+    # up to 1.7e-3. So step 4's seg module is held to the bulk of its elements: a rank that skipped or lost a
+    # gradient average moves them all by about the learning rate (median 1e-3, measured), the kink a few (median
+    # 8e-8, 99th percentile 1.3e-5).
+    def export(run, step, name):
+        return load_file(run / f"checkpoints/step_{step:06d}/model" / name)
+
+    for step, name in ((2, "vlm_trained.safetensors"), (2, "seg_module.safetensors"), (4, "vlm_trained.safetensors")):
+        a, b = export(out, step, name), export(ddp_run, step, name)
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=2e-4) for k in a), (step, name)
+    a, b = export(out, 4, "seg_module.safetensors"), export(ddp_run, 4, "seg_module.safetensors")
+    assert a.keys() == b.keys()
+    gaps = torch.cat([(a[k] - b[k]).abs().flatten() for k in a]).double()
+    assert gaps.median() < 1e-6 and torch.quantile(gaps, 0.99) < 1e-4
+    assert load_checkpoint(out / "checkpoints/step_000004/model")
