@@ -4,10 +4,11 @@ Builds a phantom dataset at the real input size (512 × 512 slices), the tokeniz
 special tokens as Qwen's; BPE merges differ, tokenising is a small share of the cost) and the image processor at
 the real budget (512 × 512 pixels), then times on one thread, per sample:
 - prepare: what a DataLoader worker does with `data.finish_on: device` (the default): `dataset[key]` (read slices
-  and masks, window, 2.5D stack, prompt drawing, resize and patch order of the VLM images, chat encoding) and
-  `collate` of the sample;
-- finish: what `BatchFinisher` adds (pixel values, MONAI augmentation) when it runs on this CPU, as it does in the
-  workers with `data.finish_on: worker`; with `device` it runs on the GPU instead;
+  and masks, window, pick the key ± 4 slices, prompt drawing, resize and patch order of the VLM images, chat
+  encoding) and `collate` of the sample;
+- finish: what `BatchFinisher` adds (pixel values, the 2.5D stack's z-score, padding and resize, MONAI augmentation)
+  when it runs on this CPU, as it does in the workers with `data.finish_on: worker`; with `device` it runs on the
+  GPU instead;
 - handover (with `--handover`): in a real DataLoader worker, `collate` of one sample plus what the worker's queue
   does to send the batch (pickling, which moves every tensor not yet in shared memory there).
 
@@ -77,9 +78,8 @@ def time_samples(n: int = 24, size: int = 512, repeats: int = 3, seg_size: int =
             base = write_tiny_base(Path(tmp) / "base")
             tokenizer = AutoTokenizer.from_pretrained(base)
             add_seg_token(tokenizer)
-            builder = SampleBuilder(tokenizer, build_image_processor(base, image_pixels), seg_size=seg_size,
-                                    augment=True)
-            finisher = BatchFinisher(builder.vision, SegAugment())
+            builder = SampleBuilder(tokenizer, build_image_processor(base, image_pixels), augment=True)
+            finisher = BatchFinisher(builder.vision, SegAugment(), seg_size)
             records = load_records(root / "merged_train.json")
             result = {}
             for name, task_cls in RECORD_TASKS.items():

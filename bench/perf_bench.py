@@ -65,7 +65,7 @@ from bench.perf_model import build
 from dataset.augment import SegAugment
 from dataset.collate import collate
 from dataset.conversation import Turn
-from dataset.finish import AUGMENT_SEED, BatchFinisher
+from dataset.finish import AUGMENT_SEED, BatchFinisher, to_device
 from dataset.phantom import write_phantom
 from dataset.prompts import GROUNDED_REPORT_EVAL
 from dataset.records import load_records
@@ -420,7 +420,7 @@ def bench_grounded(model: OmniAbnormCT, tokenizer, image_processor, scale: Scale
 
 def training_samples(tokenizer, image_processor, model: OmniAbnormCT, phantom: Path, per_task: int) -> dict:
     """`per_task` prepared samples of each task the released recipe trains (equal quotas)."""
-    builder = SampleBuilder(tokenizer, image_processor, seg_size=model.config.seg.image_size, augment=True)
+    builder = SampleBuilder(tokenizer, image_processor, augment=True)
     records = load_records(phantom / "merged_train.json")
     samples = {}
     for name in (name for name, quota in RELEASED_QUOTAS.items() if quota > 0 and name in RECORD_TASKS):
@@ -546,7 +546,8 @@ def batches(samples: dict, micro: int, steps: int, accumulation: int, pad_id: in
     groups = []
     for step in range(steps):
         pool = samples[names[step % len(names)]]
-        groups.append([{k: v if k == AUGMENT_SEED else v.to(device) for k, v in collate(pool[:micro], pad_id).items()}
+        groups.append([{k: v if k == AUGMENT_SEED else to_device(v, device)
+                        for k, v in collate(pool[:micro], pad_id).items()}
                        for _ in range(accumulation)])
     return groups
 
@@ -560,7 +561,7 @@ def bench_train(model: OmniAbnormCT, tokenizer, image_processor, scale: Scale, d
         if p.requires_grad:  # fp32 master weights, as training/loop.py keeps them
             p.data = p.data.float()
     samples = training_samples(tokenizer, image_processor, model, phantom, scale.train_micro)
-    finisher = BatchFinisher(VisionPreprocessor(image_processor), SegAugment())
+    finisher = BatchFinisher(VisionPreprocessor(image_processor), SegAugment(), model.config.seg.image_size)
     pad = tokenizer.pad_token_id
     model.config.linear_ce = True
     set_vision_attention(vlm, "varlen")

@@ -1,6 +1,10 @@
 """The segmentation module's input (SPEC §4.3): key ± 4 slices, each z-scored on its own, zero-padded to a centred
 square and resized to 512×512; and the exact way back from model space to the original slice.
 
+Two steps, so the float work can run where the model is: `stack_channels` (numpy, where the slices are read) picks
+the key ± context slices in their stored dtype, zero slices for missing neighbours; `normalize_stack` (torch, any
+device) z-scores, pads and resizes them. `seg_stack` is both in one call.
+
 Resizing is torch's `interpolate` throughout, with half-pixel-centre geometry: bilinear with align_corners=False for
 images and probabilities, "nearest-exact" for binary masks. Both treat a pixel as a unit square, so model pixel
 (i + 0.5)·side/size − 0.5 and original pixel i describe the same place, the mapping has no half-pixel bias, and
@@ -26,31 +30,19 @@ ArrayLike = TypeVar("ArrayLike", np.ndarray, torch.Tensor)
 _EPS = 1e-6  # slack for float round-off when mapping pixel edges
 
 
-def zscore(slice: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """(H, W) any numeric → (H, W) float32 (x − mean) / std over this slice alone, written into `out` (an (H, W)
-    float32 array or view) when given; a constant slice → zeros. Non-finite values make the result non-finite
-    (callers check)."""
-    x = np.asarray(slice, dtype=np.float32)
-    if out is None:
-        out = np.empty(x.shape, np.float32)
-    if x.size == 0 or x.min() == x.max():  # exact test: a round-off std would blow constant slices up into noise
-        out[...] = 0.0
-        return out
-    centred = np.subtract(x, x.mean(), out=out)  # float32 pairwise summation: accurate to ~1e-6 of the values
-    flat = centred.ravel()  # a copy only when `out` is a strided view
-    std = np.sqrt(np.dot(flat, flat) / flat.size)  # centred first, so E[x²] has no cancellation
-    centred /= std
-    return centred
-
-
 def _resize(t: torch.Tensor, size: int, binary: bool) -> torch.Tensor:
-    """(C, h, w) → (C, size, size) float; binary masks by nearest-exact, everything else bilinear."""
+    """(C, h, w) → (C, size, size): binary masks by nearest-exact in their own dtype (a new tensor), everything else
+    bilinear in float32 (`t` itself when it is float32 of that size already)."""
+    if binary:
+        if t.shape[-2:] == (size, size):
+            return t.clone()
+        if t.shape[0] == 0:
+            return t.new_zeros((0, size, size))
+        return F.interpolate(t[None].float(), size=(size, size), mode="nearest-exact")[0].to(t.dtype)
     if t.shape[-2:] == (size, size):
         return t.float()
     if t.shape[0] == 0:
         return t.new_zeros((0, size, size), dtype=torch.float32)
-    if binary:
-        return F.interpolate(t[None].float(), size=(size, size), mode="nearest-exact")[0]
     return F.interpolate(t[None].float(), size=(size, size), mode="bilinear", align_corners=False)[0]
 
 
@@ -92,8 +84,7 @@ class SquareGeometry:
             raise ValueError(f"expected (C, {self.height}, {self.width}), got {tuple(t.shape)}")
         square = t.new_zeros((t.shape[0], self.side, self.side))
         square[(slice(None), *self.inner)] = t
-        out = _resize(square, self.size, binary)
-        return self._like(out.to(t.dtype) if binary else out, array)
+        return self._like(_resize(square, self.size, binary), array)
 
     def to_original(self, array: ArrayLike, binary: bool) -> ArrayLike:
         """(C, size, size) model-space masks (binary) or probabilities → (C, H, W) on the original slice: resize to
@@ -102,8 +93,7 @@ class SquareGeometry:
         if t.ndim != 3 or tuple(t.shape[1:]) != (self.size, self.size):
             raise ValueError(f"expected (C, {self.size}, {self.size}), got {tuple(t.shape)}")
         square = _resize(t, self.side, binary)
-        out = square[(slice(None), *self.inner)].contiguous()
-        return self._like(out.to(t.dtype) if binary else out, array)
+        return self._like(square[(slice(None), *self.inner)].contiguous(), array)
 
     def box_to_original(self, box_xyxy: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
         """Inclusive pixel box in model space → the inclusive box of original pixels it covers (clipped to the
@@ -125,13 +115,10 @@ class SquareGeometry:
         return t if isinstance(reference, torch.Tensor) else t.numpy()
 
 
-def seg_stack(slices: np.ndarray, key_index: int, context: int = CONTEXT, size: int = SEG_SIZE
-              ) -> tuple[np.ndarray, SquareGeometry]:
-    """slices (S, H, W) any numeric (windowed display values or HU) → ((2·context + 1, size, size) float32, geometry).
-
-    Channel c holds slice key_index + c − context; neighbours beyond ±context are dropped, missing ones are zero
-    slices on their side. Each present slice is z-scored on its own, then the stack is zero-padded and resized.
-    """
+def stack_channels(slices: np.ndarray, key_index: int, context: int = CONTEXT) -> np.ndarray:
+    """slices (S, H, W) any numeric (display values or HU) → (2·context + 1, H, W), same dtype: channel c holds slice
+    key_index + c − context, a zero slice where that is outside the stack (neighbours beyond ±context are dropped).
+    The slices themselves when they are exactly that. Float slices must be finite."""
     slices = np.asarray(slices)
     if slices.ndim != 3 or 0 in slices.shape:
         raise ValueError(f"expected a non-empty (S, H, W) slice stack, got shape {slices.shape}")
@@ -141,16 +128,41 @@ def seg_stack(slices: np.ndarray, key_index: int, context: int = CONTEXT, size: 
         raise ValueError(f"key index {key_index} outside 0..{slices.shape[0] - 1}")
     if context < 0:
         raise ValueError(f"context must be ≥ 0, got {context}")
-    geometry = SquareGeometry(slices.shape[1], slices.shape[2], size)
-    # z-score straight into the padded square: one pass less than to_model's pad-then-copy. Zero-filled only where
-    # something stays zero (padding, missing neighbours): filling 9 MB that is overwritten anyway costs a millisecond.
-    channels = range(key_index - context, key_index + context + 1)
-    filled = geometry.side == geometry.height == geometry.width and all(0 <= i < slices.shape[0] for i in channels)
-    square = (np.empty if filled else np.zeros)((2 * context + 1, geometry.side, geometry.side), np.float32)
-    for channel, index in enumerate(channels):
-        if 0 <= index < slices.shape[0]:
-            zscore(slices[index], out=square[(channel, *geometry.inner)])
-    # Integer slices z-score to finite values (a constant slice gives zeros); only float input can hold NaN or inf.
-    if not np.issubdtype(slices.dtype, np.integer) and not np.isfinite(square).all():
+    first = key_index - context
+    if first == 0 and slices.shape[0] == 2 * context + 1:
+        channels = slices
+    else:
+        channels = np.zeros((2 * context + 1, *slices.shape[1:]), slices.dtype)
+        lo, hi = max(first, 0), min(key_index + context + 1, slices.shape[0])
+        channels[lo - first:hi - first] = slices[lo:hi]
+    if np.issubdtype(channels.dtype, np.inexact) and not np.isfinite(channels).all():
         raise ValueError("the slice stack holds NaN or infinite values")
-    return _resize(torch.from_numpy(square), size, binary=False).numpy(), geometry
+    return channels
+
+
+def normalize_stack(channels: torch.Tensor, size: int = SEG_SIZE) -> torch.Tensor:
+    """(S, H, W) any numeric, on any device → (S, size, size) float32 there: each channel z-scored on its own,
+    (x − mean) / std with the population std, a constant channel (a missing neighbour's zero slice included) → zeros;
+    then zero-padded to a centred square and resized (`SquareGeometry.to_model`)."""
+    if channels.ndim != 3 or 0 in channels.shape:
+        raise ValueError(f"expected a non-empty (S, H, W) stack, got shape {tuple(channels.shape)}")
+    # One CPU core may run this (DataLoader workers with data.finish_on: worker, inference): written for it, in place
+    # where possible (torch's fused aminmax and var_mean, and pow, take several times longer there).
+    values = channels.to(torch.float32, copy=True).flatten(1)
+    # exact test: a round-off std would blow a constant channel up into noise
+    constant = values.amax(dim=1) == values.amin(dim=1)
+    centred = values.sub_(values.mean(dim=1, keepdim=True))
+    std = (centred * centred).mean(dim=1, keepdim=True).sqrt()
+    z = centred.mul_(torch.where(constant[:, None], 0.0, std.reciprocal())).view(channels.shape)
+    if channels.shape[1:] == (size, size):  # already the model's square
+        return z
+    return SquareGeometry(channels.shape[1], channels.shape[2], size).to_model(z, binary=False)
+
+
+def seg_stack(slices: np.ndarray, key_index: int, context: int = CONTEXT, size: int = SEG_SIZE
+              ) -> tuple[np.ndarray, SquareGeometry]:
+    """slices (S, H, W) any numeric (windowed display values or HU) → ((2·context + 1, size, size) float32, geometry):
+    `normalize_stack(stack_channels(...))` on the CPU."""
+    channels = stack_channels(slices, key_index, context)
+    stack = normalize_stack(torch.from_numpy(np.ascontiguousarray(channels)), size)
+    return stack.numpy(), SquareGeometry(channels.shape[1], channels.shape[2], size)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +46,7 @@ from dataset.prompts import (
 from dataset.readers import load_image_array
 from dataset.records import Group, Record
 from dataset.sampler import SampleKey
-from dataset.stack25d import CONTEXT, SEG_SIZE, seg_stack
+from dataset.stack25d import CONTEXT, stack_channels
 from dataset.vision import VisionPreprocessor
 from dataset.visual_prompt import PROMPT_KINDS, draw_boxes, draw_prompt, mask_box
 from model.config import SEG_TOKEN
@@ -66,8 +66,7 @@ class RecordImages:
     """What one record gives every task: the key slice for the VLM and the segmentation stack, same geometry."""
 
     key_rgb: np.ndarray  # (H, W, 3) uint8, the key slice as the VLM sees it
-    stack: np.ndarray  # (2·CONTEXT+1, size, size) float32, z-scored
-    to_model: Callable[[np.ndarray], np.ndarray]  # (N, H, W) bool masks → (N, size, size) bool
+    stack: np.ndarray  # (2·CONTEXT+1, H, W) key ± CONTEXT as read (zero slices where missing), the slices' dtype
 
 
 def record_window(record: Record, rng: np.random.Generator | None, train: bool) -> tuple[float, float]:
@@ -83,8 +82,7 @@ def record_window(record: Record, rng: np.random.Generator | None, train: bool) 
     return min(lo, hi - 1.0), max(hi, lo + 1.0)
 
 
-def load_record_images(record: Record, rng: np.random.Generator, train: bool, seg_size: int = SEG_SIZE
-                       ) -> RecordImages:
+def load_record_images(record: Record, rng: np.random.Generator, train: bool) -> RecordImages:
     slices = record.read_slices()
     if record.hu_offset is not None:  # HU slices: a dataset window, then display values
         lo, hi = record_window(record, rng, train)
@@ -93,23 +91,21 @@ def load_record_images(record: Record, rng: np.random.Generator, train: bool, se
     else:
         key_gray = slices[0]
     lo_offset, hi_offset = min(slices), max(slices)
-    # gaps stay zero slices; the slices' own dtype (uint8 for JPEG): seg_stack z-scores each in float32 anyway
+    # The slices' own dtype (uint8 for JPEG: a quarter of float32's bytes to send from the worker); gaps stay zero
+    # slices. z-scoring, padding and resizing are float work, done where the model is (dataset/finish.py).
     ordered = np.zeros((hi_offset - lo_offset + 1, *slices[0].shape), dtype=np.result_type(*slices.values()))
     for offset, values in slices.items():
         ordered[offset - lo_offset] = values
-    stack, geometry = seg_stack(ordered, key_index=-lo_offset, context=CONTEXT, size=seg_size)
-    key_rgb = gray_rgb(stretch_to_uint8(key_gray))
-    return RecordImages(key_rgb, stack, lambda masks: geometry.to_model(masks, binary=True).astype(bool))
+    return RecordImages(gray_rgb(stretch_to_uint8(key_gray)), stack_channels(ordered, -lo_offset, CONTEXT))
 
 
 class SampleBuilder:
     """Encodes turns and images into a `Sample`: the step every task shares."""
 
-    def __init__(self, tokenizer, image_processor, seg_size: int = SEG_SIZE, augment: bool = False):
+    def __init__(self, tokenizer, image_processor, augment: bool = False):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.vision = VisionPreprocessor(image_processor)
-        self.seg_size = seg_size
         self.augment = augment
         self.image_token_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
         self.seg_token_id = tokenizer.convert_tokens_to_ids(SEG_TOKEN)
@@ -119,9 +115,10 @@ class SampleBuilder:
     def __call__(self, turns: Sequence[Turn], images: Sequence[np.ndarray], stack: np.ndarray | None = None,
                  masks: np.ndarray | None = None, rng: np.random.Generator | None = None, meta: dict | None = None
                  ) -> Sample:
-        """images: (H, W, 3) uint8 in order of appearance; stack (S, size, size) and masks (N, size, size) bool, one
-        mask per `<SEG>` in the conversation, when the task segments. With `augment`, the sample carries the seed of
-        its augmentation (drawn from `rng`), applied later by dataset.finish.BatchFinisher."""
+        """images: (H, W, 3) uint8 in order of appearance; when the task segments, stack (S, H, W) as read
+        (`RecordImages.stack`) and masks (N, H, W) bool on the same slice, one per `<SEG>` in the conversation. Both
+        reach the model space (z-scored, padded, resized) and, with `augment`, are augmented with the seed the sample
+        carries (drawn from `rng`) in dataset.finish.BatchFinisher."""
         pixel_codes = grid = None
         image_tokens: list[int] = []
         if images:
@@ -134,6 +131,8 @@ class SampleBuilder:
             if masks is None or masks.shape[0] != n_seg:
                 raise ValueError(f"{n_seg} {SEG_TOKEN} token(s) in the conversation but "
                                  f"{0 if masks is None else masks.shape[0]} mask(s)")
+            if masks.shape[1:] != stack.shape[1:]:
+                raise ValueError(f"masks of {masks.shape[1:]} pixels for slices of {stack.shape[1:]}")
             seg_slices, seg_masks = torch.from_numpy(stack), torch.from_numpy(np.asarray(masks, dtype=bool))
             seed = int(rng.integers(2**32)) if self.augment else None
         return Sample(conversation, pixel_codes, grid, seg_slices, seg_masks, seed, meta or {})
@@ -179,7 +178,7 @@ class RecordTask(TaskDataset):
 
     def load(self, record: Record, rng: np.random.Generator) -> tuple[RecordImages, np.ndarray]:
         """The record's images and its abnormality masks (N, H, W) bool at key-slice size, in record order."""
-        images = load_record_images(record, rng, self.train, self.builder.seg_size)
+        images = load_record_images(record, rng, self.train)
         masks = record.read_masks([a.id for a in record.abnormalities], images.key_rgb.shape[:2])
         return images, masks
 
@@ -270,8 +269,7 @@ class GroundingTask(RecordTask):
         record = self.records[item]
         images, masks = self.load(record, rng)
         turns, tool_images = self.turns(record, images, masks, rng)
-        return self.builder(turns, [images.key_rgb, *tool_images], images.stack,
-                            images.to_model(self.targets(record, masks)), rng,
+        return self.builder(turns, [images.key_rgb, *tool_images], images.stack, self.targets(record, masks), rng,
                             self.meta(record, groups=[g.ids for g in record.groups()]))
 
     def targets(self, record: Record, masks: np.ndarray) -> np.ndarray:
@@ -362,12 +360,12 @@ class ReferringTask(RecordTask):
             turns = [Turn("user", question, images=1), Turn("assistant", SEG_TOKEN), Turn("tool", "", images=1),
                      Turn("assistant", answer)]
             return self.builder(turns, [images.key_rgb, self.boxed(images.key_rgb, target, rng)], images.stack,
-                                images.to_model(target), rng, meta)
+                                target, rng, meta)
         if positive:
             turns = [Turn("user", question, images=1), Turn("assistant", f"{answer} {SEG_TOKEN}")]
         else:  # nothing to outline: the refusal alone
             turns, target = [Turn("user", question, images=1), Turn("assistant", answer)], target[:0]
-        return self.builder(turns, [images.key_rgb], images.stack, images.to_model(target), rng, meta)
+        return self.builder(turns, [images.key_rgb], images.stack, target, rng, meta)
 
 
 class ReferringOneRoundTask(ReferringTask):

@@ -35,5 +35,6 @@ def make_batch():
     def build(tokenizer, image_processor, seg_counts, seg_size: int = 64):
         samples = [make_sample(tokenizer, image_processor, n, seed=i, seg_size=seg_size)
                    for i, n in enumerate(seg_counts)]
-        return BatchFinisher(VisionPreprocessor(image_processor), None)(collate(samples, tokenizer.pad_token_id), "cpu")
+        return BatchFinisher(VisionPreprocessor(image_processor), None, seg_size)(
+            collate(samples, tokenizer.pad_token_id), "cpu")
     return build

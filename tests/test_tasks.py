@@ -13,6 +13,7 @@ from dataset.phantom import write_phantom
 from dataset.prompts import GROUNDED_REPORT_EVAL, NO_ABNORMALITY, NO_RELEVANT_ABNORMALITY, REPORT_SUFFIX
 from dataset.records import load_records
 from dataset.sampler import SampleKey, TaskBatchSampler
+from dataset.stack25d import seg_stack
 from dataset.tasks import (
     GroundedReportTask,
     GroundingTask,
@@ -42,7 +43,7 @@ def builder(tiny_base):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_base)
     add_seg_token(tokenizer)
-    return SampleBuilder(tokenizer, build_image_processor(tiny_base, 56 * 56), seg_size=SEG)
+    return SampleBuilder(tokenizer, build_image_processor(tiny_base, 56 * 56))
 
 
 def supervised_text(builder, sample):
@@ -91,7 +92,9 @@ def test_grounding_and_grounded_report(phantom, builder):
     for index, record in enumerate(phantom):
         g, r = grounding[index], report[index]
         assert supervised_text(builder, g) == "<SEG><|im_end|>"
-        assert g.seg_masks.shape == (1, SEG, SEG) and g.seg_slices.shape == (9, SEG, SEG)
+        key = record.read_slice(0)
+        assert g.seg_masks.shape == (1, *key.shape) and g.seg_slices.shape == (9, *key.shape)
+        assert g.seg_slices.dtype == torch.uint8 and torch.equal(g.seg_slices[4], torch.from_numpy(key))
         assert bool(g.seg_masks.any()) == (not record.is_normal)
         assert "describe the findings" not in full_text(builder, g)
         text = full_text(builder, r)
@@ -142,12 +145,35 @@ def test_referring_positives_and_negatives(phantom, builder):
 
 def finished(builder, samples, augment: bool = True) -> dict:
     """The samples collated and finished on the CPU, as the training step does on its device."""
-    finisher = BatchFinisher(builder.vision, SegAugment() if augment else None)
+    finisher = BatchFinisher(builder.vision, SegAugment() if augment else None, SEG)
     return finisher(collate(samples, builder.tokenizer.pad_token_id), "cpu")
 
 
+def test_the_finisher_brings_each_sample_to_the_model_space(phantom, builder):
+    """Workers ship each sample's slices and masks as read, at its own size; finished in one batch, every row is what
+    the inference path builds (`seg_stack`, `SquareGeometry.to_model`), square and non-square slices alike, with
+    zero masks beyond a row's own; a square slice's key channel is its z-score (float64 reference)."""
+    task = GroundingTask(phantom, builder)
+    samples = [task[i] for i in range(len(task))]
+    assert len({s.seg_slices.shape for s in samples}) > 1  # the phantom mixes square axial and other planes
+    batch = finished(builder, samples, augment=False)
+    assert batch["seg_slices"].shape == (len(samples), 9, SEG, SEG) and batch["seg_masks"].dtype == torch.float32
+    for row, (sample, record) in enumerate(zip(samples, phantom)):
+        slices = record.read_slices()
+        reference, geometry = seg_stack(np.stack([slices[o] for o in sorted(slices)]), key_index=-min(slices),
+                                        size=SEG)
+        assert torch.equal(batch["seg_slices"][row], torch.from_numpy(reference))
+        masks = torch.from_numpy(geometry.to_model(sample.seg_masks.numpy(), binary=True)).float()
+        assert torch.equal(batch["seg_masks"][row], masks)
+        if slices[0].shape == (SEG, SEG):
+            key = slices[0].astype(np.float64)
+            np.testing.assert_allclose(batch["seg_slices"][row, 4], (key - key.mean()) / key.std(), atol=2e-6)
+    two = finished(builder, [task[0], PerFindingReportTask(phantom, builder)[0]], augment=False)
+    assert two["seg_masks"].shape[1] == max(1, len(phantom[0].groups())) and not two["seg_masks"][0, 1:].any()
+
+
 def test_samples_are_pure_functions_of_the_key(phantom, builder):
-    augmented = SampleBuilder(builder.tokenizer, builder.image_processor, seg_size=SEG, augment=True)
+    augmented = SampleBuilder(builder.tokenizer, builder.image_processor, augment=True)
     task = GroundedReportTask(phantom, augmented, seed=5)
     a, b = task[SampleKey(task.task, 3, 1)], task[SampleKey(task.task, 3, 1)]
     c = task[SampleKey(task.task, 3, 2)]
@@ -163,7 +189,7 @@ def test_samples_are_pure_functions_of_the_key(phantom, builder):
 @pytest.mark.slow
 def test_loader_batches_drive_the_tiny_model(phantom, tiny):
     model, tokenizer, image_processor, _cfg = tiny
-    builder = SampleBuilder(tokenizer, image_processor, seg_size=SEG, augment=True)
+    builder = SampleBuilder(tokenizer, image_processor, augment=True)
     dataset = MultiTaskDataset([GroundedReportTask(phantom, builder), VisualPromptTask(phantom, builder),
                                 PerFindingReportTask(phantom, builder)])
     sampler = TaskBatchSampler(dataset.sizes(), batch_size=2, seed=0)
@@ -181,7 +207,7 @@ def test_loader_batches_drive_the_tiny_model(phantom, tiny):
 def test_training_samples_are_augmented(phantom, builder):
     """Training samples carry their augmentation seed and the finisher really applies it to the stack and masks
     (their alignment: tests/test_augment.py); samples without a seed are left as they are."""
-    augmented = SampleBuilder(builder.tokenizer, builder.image_processor, seg_size=SEG, augment=True)
+    augmented = SampleBuilder(builder.tokenizer, builder.image_processor, augment=True)
     plain, aug = (GroundingTask([r for r in phantom if not r.is_normal], b, seed=2) for b in (builder, augmented))
     changed = 0
     for index in range(len(plain)):
@@ -190,7 +216,7 @@ def test_training_samples_are_augmented(phantom, builder):
         assert a.seg_augment_seed is None and b.seg_augment_seed is not None
         assert torch.equal(a.seg_slices, b.seg_slices)  # the stack itself is augmented later
         batch_a, batch_b = finished(builder, [a]), finished(builder, [b])
-        assert torch.equal(batch_a["seg_slices"][0], a.seg_slices)
+        assert torch.equal(batch_a["seg_slices"], finished(builder, [a], augment=False)["seg_slices"])  # no seed
         assert set(np.unique(batch_b["seg_masks"].numpy())) <= {0.0, 1.0}
         assert batch_b["seg_slices"].shape == batch_a["seg_slices"].shape
         changed += not torch.equal(batch_a["seg_slices"], batch_b["seg_slices"])
@@ -200,10 +226,10 @@ def test_training_samples_are_augmented(phantom, builder):
 def test_finishing_in_the_worker_or_on_the_device_gives_the_same_batch(phantom, builder):
     """data.finish_on: the batch finished by the DataLoader worker's collate and the one finished in the training
     step are identical (on the CPU, where both run the same generator), in several batch orders."""
-    augmented = SampleBuilder(builder.tokenizer, builder.image_processor, seg_size=SEG, augment=True)
+    augmented = SampleBuilder(builder.tokenizer, builder.image_processor, augment=True)
     task = PerFindingReportTask(phantom, augmented, seed=3)
     samples = [task[SampleKey(task.task, i, 0)] for i in range(4)]
-    finisher = BatchFinisher(builder.vision, SegAugment())
+    finisher = BatchFinisher(builder.vision, SegAugment(), SEG)
     in_worker = finisher.in_worker(lambda s: collate(s, builder.tokenizer.pad_token_id))(samples)
     in_step = finisher(collate(samples, builder.tokenizer.pad_token_id), torch.device("cpu"))
     assert in_worker.keys() == in_step.keys() and "seg_augment_seed" not in in_step

@@ -66,7 +66,7 @@ def read_records(files: list[Path]) -> list[Record]:
 
 def build_train_dataset(cfg: TrainConfig, files: DataFiles, tokenizer, image_processor) -> MultiTaskDataset:
     """One dataset per task with a positive quota; a configured task without samples is an error."""
-    builder = SampleBuilder(tokenizer, image_processor, seg_size=cfg.model.seg.image_size, augment=cfg.data.augment)
+    builder = SampleBuilder(tokenizer, image_processor, augment=cfg.data.augment)
     wanted = [name for name, quota in cfg.data.tasks.items() if quota > 0]
     records = read_records(files.train) if any(name in RECORD_TASKS for name in wanted) else []
     tasks = []
@@ -91,7 +91,8 @@ def steps_per_epoch(cfg: TrainConfig, world_size: int) -> int:
 
 
 def build_finisher(cfg: TrainConfig, image_processor) -> BatchFinisher:
-    return BatchFinisher(VisionPreprocessor(image_processor), SegAugment() if cfg.data.augment else None)
+    return BatchFinisher(VisionPreprocessor(image_processor), SegAugment() if cfg.data.augment else None,
+                         cfg.model.seg.image_size)
 
 
 def build_loader(cfg: TrainConfig, dataset: MultiTaskDataset, env: Dist, pad_token_id: int, finisher: BatchFinisher
@@ -115,5 +116,5 @@ def build_loader(cfg: TrainConfig, dataset: MultiTaskDataset, env: Dist, pad_tok
 
 def build_valid_grounding(cfg: TrainConfig, files: DataFiles, tokenizer, image_processor) -> GroundingTask:
     """Held-out grounding cases (no augmentation, no jitter) for the periodic key-slice Dice."""
-    builder = SampleBuilder(tokenizer, image_processor, seg_size=cfg.model.seg.image_size)
+    builder = SampleBuilder(tokenizer, image_processor)
     return GroundingTask(read_records(files.valid), builder, seed=cfg.seed, train=False)
