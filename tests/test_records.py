@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from dataset.ct import InputError
+from dataset.readers import read_image
 from dataset.records import load_records
 
 
@@ -105,6 +106,4 @@ def test_a_colour_saved_slice_reads_as_inference_reads_it(tmp_path):
     Image.fromarray(rgb).save(tmp_path / "images" / "s1" / "0.jpg", quality=95)
     (tmp_path / "test.json").write_text(json.dumps({"s1": datum}))
     key = load_records(tmp_path / "test.json")[0].read_slice(0)
-    from dataset.readers import read_image
-
     assert key.dtype == np.uint8 and np.array_equal(key, read_image(tmp_path / "images" / "s1" / "0.jpg").pixels[0])
