@@ -9,10 +9,13 @@ the real budget (512 × 512 pixels), then times on one thread, per sample:
 - finish: what `BatchFinisher` adds (pixel values, the 2.5D stack's z-score, padding and resize, MONAI augmentation)
   when it runs on this CPU, as it does in the workers with `data.finish_on: worker`; with `device` it runs on the
   GPU instead;
-- handover (with `--handover`): in a real DataLoader worker, `collate` of one sample plus what the worker's queue
-  does to send the batch (pickling, which moves every tensor not yet in shared memory there).
+- handover (with `--handover`): in a real DataLoader worker, the training loader's collate of one sample
+  (`WorkerCollate`: `collate` and packing into one buffer) plus what the worker's queue does to send the batch
+  (pickling, which moves the buffer to shared memory);
+- receive (with `--handover`): the training process's CPU time to take that batch from the queue.
+With `--batch B` the handover and receive columns are per batch of B samples.
 
-    python bench/data_bench.py [--n 24] [--size 512] [--repeats 3] [--handover]
+    python bench/data_bench.py [--n 24] [--size 512] [--repeats 3] [--handover [--batch 1]]
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from transformers import AutoTokenizer
 
 from dataset.augment import SegAugment
 from dataset.collate import collate
-from dataset.finish import BatchFinisher
+from dataset.finish import BatchFinisher, WorkerCollate
 from dataset.phantom import write_phantom
 from dataset.records import load_records
 from dataset.sampler import SampleKey
@@ -45,29 +48,43 @@ from model.tokenizer import add_seg_token
 
 
 class _TimedHandover:
-    """A DataLoader collate_fn that collates one sample, sends it the way the worker's queue will, and returns the
-    batch with the seconds both took (picklable for the worker)."""
+    """A DataLoader collate_fn: the training loader's (`WorkerCollate`) on one sample, then what the worker's queue
+    does to send the batch; returns (the seconds both took, the batch), picklable for the worker."""
 
     def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
+        self.collate = WorkerCollate(pad_token_id)
 
     def __call__(self, samples):
         start = time.perf_counter()
-        ForkingPickler.dumps(collate(samples, self.pad_token_id))  # the queue's later pickling then finds it shared
-        return time.perf_counter() - start
+        batch = self.collate(samples)
+        ForkingPickler.dumps(batch)  # moves it to shared memory; the queue's own pickling then finds it there
+        return time.perf_counter() - start, batch
 
 
-def time_handover(task, pad_token_id: int, repeats: int) -> float:
-    """ms of `collate` and the queue's pickling of one sample inside one DataLoader worker: the median over
-    `repeats` passes of `task` (allocating shared memory costs page faults that vary much from call to call)."""
-    keys = [[SampleKey(task.task, i, epoch)] for epoch in range(repeats) for i in range(len(task))]
-    loader = DataLoader(task, batch_sampler=keys, num_workers=1, collate_fn=_TimedHandover(pad_token_id))
-    return float(np.median(list(loader))) * 1e3
+def time_handover(task, pad_token_id: int, repeats: int, batch_size: int = 1) -> tuple[float, float]:
+    """(handover, receive) ms per batch of `batch_size` samples of `task` through one DataLoader worker: the worker's
+    collate and sending, and the CPU time the training process spends taking the batch from the queue (unpickling
+    and fetching the shared memory). Medians over `repeats` passes (allocating shared memory costs page faults that
+    vary much from call to call)."""
+    order = [SampleKey(task.task, i, epoch) for epoch in range(repeats) for i in range(len(task))]
+    keys = [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+    batches = iter(DataLoader(task, batch_sampler=keys, num_workers=1, collate_fn=_TimedHandover(pad_token_id)))
+    sent, received = [], []
+    while True:
+        start = time.process_time()  # this process's CPU only: waiting for the worker costs none
+        try:
+            seconds, _ = next(batches)
+        except StopIteration:
+            break
+        received.append(time.process_time() - start)
+        sent.append(seconds)
+    return float(np.median(sent)) * 1e3, float(np.median(received)) * 1e3
 
 
 def time_samples(n: int = 24, size: int = 512, repeats: int = 3, seg_size: int = 512,
-                 image_pixels: int = 512 * 512, handover: bool = False) -> dict[str, dict[str, float]]:
-    """{task: {"prepare": ms, "finish": ms[, "handover": ms]}}: milliseconds of one thread per sample, per record task
+                 image_pixels: int = 512 * 512, handover: bool = False, batch_size: int = 1
+                 ) -> dict[str, dict[str, float]]:
+    """{task: {"prepare": ms, "finish": ms[, "handover": ms, "receive": ms]}}: milliseconds of one thread per sample, per record task
     (phantom of `n` cases of `size`² slices; the mean over one pass over each task's items, the fastest of `repeats`
     passes, after one warm-up sample). Leaves torch's thread count as it was."""
     threads = torch.get_num_threads()
@@ -98,7 +115,8 @@ def time_samples(n: int = 24, size: int = 512, repeats: int = 3, seg_size: int =
                 # the fastest pass: on a shared machine, other tenants only ever add time
                 result[name] = {"prepare": min(p for p, _ in passes), "finish": min(f for _, f in passes)}
                 if handover:
-                    result[name]["handover"] = time_handover(task, tokenizer.pad_token_id, repeats)
+                    result[name]["handover"], result[name]["receive"] = time_handover(
+                        task, tokenizer.pad_token_id, repeats, batch_size)
             return result
     finally:
         torch.set_num_threads(threads)
@@ -110,12 +128,16 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512, help="slice size in pixels")
     parser.add_argument("--repeats", type=int, default=3, help="passes over each task's items (the fastest counts)")
     parser.add_argument("--handover", action="store_true", help="also time collate + sending in a DataLoader worker")
+    parser.add_argument("--batch", type=int, default=1, help="samples per batch handed over (per-batch ms)")
     args = parser.parse_args()
-    print(f"phantom of {args.n} cases of {args.size}×{args.size}, 1 thread, {args.repeats} pass(es)\n")
-    print(f"{'task':32s} {'prepare ms':>11s} {'finish ms':>10s} {'handover ms':>12s}"
+    print(f"phantom of {args.n} cases of {args.size}×{args.size}, 1 thread, {args.repeats} pass(es)"
+          + (f", handover and receive per batch of {args.batch}" if args.handover else "") + "\n")
+    print(f"{'task':32s} {'prepare ms':>11s} {'finish ms':>10s} {'handover ms':>12s} {'receive ms':>11s}"
           "   (finish: on the GPU with data.finish_on=device)")
-    for name, ms in time_samples(args.n, args.size, args.repeats, handover=args.handover).items():
-        print(f"{name:32s} {ms['prepare']:11.1f} {ms['finish']:10.1f} {ms.get('handover', float('nan')):12.1f}")
+    for name, ms in time_samples(args.n, args.size, args.repeats, handover=args.handover,
+                                 batch_size=args.batch).items():
+        print(f"{name:32s} {ms['prepare']:11.1f} {ms['finish']:10.1f} {ms.get('handover', float('nan')):12.1f} "
+              f"{ms.get('receive', float('nan')):11.1f}")
 
 
 if __name__ == "__main__":

@@ -2,18 +2,21 @@
 
 A collated batch is still raw: uint8 pixel codes, each sample's slices and masks as read (at its own slice size, so
 kept as lists) and its augmentation seed. `dataset.finish.BatchFinisher` turns it into model inputs where the model
-is (or in the worker).
+is (or in the worker). DataLoader workers hand a batch over as a `PackedBatch`: one buffer instead of a dozen tensors.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from dataset.conversation import IGNORE_INDEX, EncodedConversation
+
+BatchValue = Tensor | list[Tensor]
 
 
 @dataclass
@@ -27,7 +30,7 @@ class Sample:
     meta: dict = field(default_factory=dict)  # sample id, task, geometry: for evaluation and debugging, not batched
 
 
-def collate(samples: Sequence[Sample], pad_token_id: int) -> dict[str, Tensor | list[Tensor]]:
+def collate(samples: Sequence[Sample], pad_token_id: int) -> dict[str, BatchValue]:
     """→ input_ids, attention_mask, labels, mm_token_type_ids (B, L); pixel_codes, image_grid_thw; when any sample
     has slices: seg_slices [(S, H_i, W_i)] and seg_masks [(N_i, H_i, W_i) bool] per sample, seg_target_mask (B, N)
     (N = max N_i), and seg_augment_seed (B,) int64 when they are to be augmented."""
@@ -62,3 +65,58 @@ def collate(samples: Sequence[Sample], pad_token_id: int) -> dict[str, Tensor | 
                 raise ValueError("a batch mixes samples with and without augmentation")
             batch["seg_augment_seed"] = torch.tensor(seeds, dtype=torch.int64)
     return batch
+
+
+PACK_ALIGN = 64  # bytes: every entry starts on a cache line, so each dtype view is aligned
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    """A batch of tensors and lists of tensors in one (bytes,) uint8 buffer: how DataLoader workers hand batches over.
+
+    A worker sends each tensor as its own shared-memory file, and the receiving process fetches each file descriptor
+    from the worker in a round trip; a batch is a dozen tensors or more (one slice stack and one mask set per
+    sample). Packed, it is one file, one round trip and, with `pin_memory`, one pinned copy. `unpack()` gives the
+    batch back bit for bit, as views of the buffer. `layout` holds, per tensor in the batch's order, (key, position
+    in the key's list or None for an entry that is one tensor, dtype, shape, byte offset in the buffer).
+    """
+
+    buffer: Tensor  # (bytes,) uint8
+    layout: tuple[tuple[str, int | None, torch.dtype, tuple[int, ...], int], ...]
+
+    @classmethod
+    def pack(cls, batch: Mapping[str, BatchValue]) -> PackedBatch:
+        layout, tensors, size = [], [], 0
+        for key, value in batch.items():
+            if isinstance(value, list) and not value:
+                raise ValueError(f"batch entry {key!r} is an empty list; there is nothing to unpack it from")
+            for position, tensor in enumerate(value) if isinstance(value, list) else [(None, value)]:
+                if not isinstance(tensor, Tensor):
+                    raise TypeError(f"batch entry {key!r} holds a {type(tensor).__name__}; only tensors and lists "
+                                    "of tensors can be packed")
+                layout.append((key, position, tensor.dtype, tuple(tensor.shape), size))
+                tensors.append(tensor)
+                size += math.ceil(tensor.numel() * tensor.element_size() / PACK_ALIGN) * PACK_ALIGN
+        packed = cls(torch.empty(size, dtype=torch.uint8), tuple(layout))
+        for view, tensor in zip(packed._views(), tensors, strict=True):
+            view.copy_(tensor)
+        return packed
+
+    def _views(self) -> Iterator[Tensor]:
+        for _, _, dtype, shape, offset in self.layout:
+            nbytes = math.prod(shape) * dtype.itemsize
+            yield self.buffer[offset:offset + nbytes].view(dtype).view(shape)
+
+    def unpack(self) -> dict[str, BatchValue]:
+        """The packed batch: its tensors are views of the buffer (no copy)."""
+        batch: dict[str, BatchValue] = {}
+        for (key, position, *_), view in zip(self.layout, self._views(), strict=True):
+            if position is None:
+                batch[key] = view
+            else:
+                batch.setdefault(key, []).append(view)
+        return batch
+
+    def pin_memory(self) -> PackedBatch:
+        """Called by the DataLoader's pin-memory thread."""
+        return PackedBatch(self.buffer.pin_memory(), self.layout)

@@ -9,7 +9,8 @@ of milliseconds of one CPU core per sample, and the worker ships a quarter of th
 the same function of the sample as in a worker, except the Gaussian noise, which comes from the device's generator.
 
 `data.finish_on: worker` runs the same finisher on the CPU inside the DataLoader workers instead (the plain path);
-the training step then only moves the finished batch.
+the training step then only moves the finished batch. Either way the workers hand batches over packed
+(`WorkerCollate`, dataset.collate.PackedBatch).
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ import torch
 from torch import Tensor
 
 from dataset.augment import SegAugment
+from dataset.collate import BatchValue, PackedBatch, collate
 from dataset.stack25d import SEG_SIZE, SquareGeometry, normalize_stack
 from dataset.vision import VisionPreprocessor
 
 AUGMENT_SEED = "seg_augment_seed"
 
 
-def to_device(value: Tensor | list[Tensor], device: torch.device | str) -> Tensor | list[Tensor]:
+def to_device(value: BatchValue, device: torch.device | str) -> BatchValue:
     """A collated batch entry, a tensor or a list of per-sample tensors, on `device` (copied asynchronously)."""
     if isinstance(value, list):
         return [v.to(device, non_blocking=True) for v in value]
@@ -32,16 +34,17 @@ def to_device(value: Tensor | list[Tensor], device: torch.device | str) -> Tenso
 
 
 class BatchFinisher:
-    """`finisher(batch, device)`: a collated batch → model inputs on `device`, the segmentation inputs at `seg_size`².
-    A batch already finished (no pixel codes, no seeds, stacked segmentation tensors) is only moved."""
+    """`finisher(batch, device)`: a collated batch, as a dict or packed → model inputs on `device`, the segmentation
+    inputs at `seg_size`². A batch already finished (no pixel codes, no seeds, stacked segmentation tensors) is only
+    moved."""
 
     def __init__(self, vision: VisionPreprocessor, augment: SegAugment | None, seg_size: int = SEG_SIZE):
         self.vision = vision
         self.augment = augment
         self.seg_size = seg_size
 
-    def __call__(self, batch: dict[str, Tensor | list[Tensor]], device: torch.device | str) -> dict[str, Tensor]:
-        batch = dict(batch)
+    def __call__(self, batch: dict[str, BatchValue] | PackedBatch, device: torch.device | str) -> dict[str, Tensor]:
+        batch = batch.unpack() if isinstance(batch, PackedBatch) else dict(batch)
         seeds = batch.pop(AUGMENT_SEED, None)
         batch = {key: to_device(value, device) for key, value in batch.items()}
         if "pixel_codes" in batch:
@@ -67,16 +70,16 @@ class BatchFinisher:
             padded.append(torch.cat([m, m.new_zeros(count - m.shape[0], size, size)]))
         return torch.stack([normalize_stack(s, size) for s in slices]), torch.stack(padded)
 
-    def in_worker(self, collate_fn):
-        """collate_fn → a collate function that also finishes the batch on the CPU (for DataLoader workers)."""
-        return _FinishedCollate(collate_fn, self)
 
+class WorkerCollate:
+    """The DataLoader workers' collate_fn (picklable): samples → `collate`, finished on the CPU when given a
+    `finisher` (data.finish_on: worker), packed for the handover."""
 
-class _FinishedCollate:
-    """Picklable for DataLoader workers (a lambda is not)."""
+    def __init__(self, pad_token_id: int, finisher: BatchFinisher | None = None):
+        self.pad_token_id, self.finisher = pad_token_id, finisher
 
-    def __init__(self, collate_fn, finisher: BatchFinisher):
-        self.collate_fn, self.finisher = collate_fn, finisher
-
-    def __call__(self, samples) -> dict[str, Tensor]:
-        return self.finisher(self.collate_fn(samples), "cpu")
+    def __call__(self, samples) -> PackedBatch:
+        batch = collate(samples, self.pad_token_id)
+        if self.finisher is not None:
+            batch = self.finisher(batch, "cpu")
+        return PackedBatch.pack(batch)

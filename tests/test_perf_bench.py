@@ -69,3 +69,14 @@ def test_tiny_run_end_to_end(tmp_path, capsys):
     again = json.loads(out.read_text())
     assert set(again["rows"]) == set(ROWS)
     assert again["rows"]["vision_images_per_s"] == data["rows"]["vision_images_per_s"]
+
+
+def test_data_bench_times_the_worker_handover():
+    """bench/data_bench.py with --handover: every record task gets its prepare, finish, handover and receive times
+    (batches of 2 through a real DataLoader worker)."""
+    from bench.data_bench import time_samples
+
+    times = time_samples(n=4, size=64, repeats=1, seg_size=64, image_pixels=56 * 56, handover=True, batch_size=2)
+    assert len(times) == 6
+    for ms in times.values():
+        assert set(ms) == {"prepare", "finish", "handover", "receive"} and all(v > 0 for v in ms.values())

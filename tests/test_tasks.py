@@ -6,9 +6,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from dataset.augment import SegAugment
-from dataset.collate import collate
+from dataset.collate import PACK_ALIGN, PackedBatch, collate
 from dataset.conversation import IGNORE_INDEX
-from dataset.finish import BatchFinisher
+from dataset.finish import BatchFinisher, WorkerCollate
 from dataset.phantom import write_phantom
 from dataset.prompts import GROUNDED_REPORT_EVAL, NO_ABNORMALITY, NO_RELEVANT_ABNORMALITY, REPORT_SUFFIX
 from dataset.records import load_records
@@ -224,17 +224,29 @@ def test_training_samples_are_augmented(phantom, builder):
 
 
 def test_finishing_in_the_worker_or_on_the_device_gives_the_same_batch(phantom, builder):
-    """data.finish_on: the batch finished by the DataLoader worker's collate and the one finished in the training
-    step are identical (on the CPU, where both run the same generator), in several batch orders."""
+    """data.finish_on: the batch finished by a DataLoader worker's collate and the one finished in the training
+    step are identical (on the CPU, where both run the same generator), in several batch orders; both travel packed
+    through a real worker."""
     augmented = SampleBuilder(builder.tokenizer, builder.image_processor, augment=True)
     task = PerFindingReportTask(phantom, augmented, seed=3)
-    samples = [task[SampleKey(task.task, i, 0)] for i in range(4)]
+    keys = [[SampleKey(task.task, i, 0) for i in range(4)]]
+    samples = [task[key] for key in keys[0]]
     finisher = BatchFinisher(builder.vision, SegAugment(), SEG)
-    in_worker = finisher.in_worker(lambda s: collate(s, builder.tokenizer.pad_token_id))(samples)
-    in_step = finisher(collate(samples, builder.tokenizer.pad_token_id), torch.device("cpu"))
+    pad = builder.tokenizer.pad_token_id
+
+    def through_a_worker(collate_fn):
+        (batch,) = DataLoader(task, batch_sampler=keys, num_workers=1, collate_fn=collate_fn)
+        assert isinstance(batch, PackedBatch)
+        return batch
+
+    in_worker = finisher(through_a_worker(WorkerCollate(pad, finisher)), "cpu")
+    in_step = finisher(through_a_worker(WorkerCollate(pad)), torch.device("cpu"))
     assert in_worker.keys() == in_step.keys() and "seg_augment_seed" not in in_step
     for key in in_step:
         assert torch.equal(in_worker[key], in_step[key]), key
+    direct = finisher(collate(samples, pad), "cpu")
+    for key in in_step:
+        assert torch.equal(direct[key], in_step[key]), key
     # each row is a function of its own sample: the same sample alone or in another batch order gives the same
     reordered = finished(augmented, samples[::-1])
     alone = finished(augmented, samples[2:3])
@@ -242,6 +254,39 @@ def test_finishing_in_the_worker_or_on_the_device_gives_the_same_batch(phantom, 
     assert torch.equal(alone["seg_slices"][0], in_step["seg_slices"][2])
     n = int(alone["seg_target_mask"].sum())
     assert torch.equal(alone["seg_masks"][0, :n], in_step["seg_masks"][2, :n])
+
+
+def test_packed_batches_unpack_bit_for_bit(monkeypatch):
+    """PackedBatch: every tensor and list of tensors back with its dtype, shape and bits, as aligned views of one
+    buffer; what cannot be packed is refused; the DataLoader's pin-memory step keeps it packed."""
+    generator = torch.Generator().manual_seed(0)
+    batch = {
+        "input_ids": torch.randint(0, 2**40, (2, 7), generator=generator),
+        "seg_masks": [torch.rand(3, 5, 6, generator=generator) > 0.5, torch.zeros(0, 4, 4, dtype=torch.bool)],
+        "pixel_values": torch.randn(9, 4, generator=generator).t(),  # not contiguous
+        "pixel_codes": torch.randint(0, 256, (3, 13), dtype=torch.uint8, generator=generator),
+        "weights": torch.randn(5, generator=generator).bfloat16(),
+        "step": torch.tensor(3.5, dtype=torch.float64),
+    }
+    packed = PackedBatch.pack(batch)
+    unpacked = packed.unpack()
+    assert list(unpacked) == list(batch)
+    pairs = [(unpacked[k], v) for k, v in batch.items() if not isinstance(v, list)]
+    pairs += [pair for k, v in batch.items() if isinstance(v, list) for pair in zip(unpacked[k], v, strict=True)]
+    for got, want in pairs:
+        assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
+        assert got.untyped_storage().data_ptr() == packed.buffer.untyped_storage().data_ptr()
+        assert (got.data_ptr() - packed.buffer.data_ptr()) % PACK_ALIGN == 0
+    with pytest.raises(TypeError, match="'meta' holds a dict"):
+        PackedBatch.pack({"meta": {"id": 1}})
+    with pytest.raises(ValueError, match="'seg_masks' is an empty list"):
+        PackedBatch.pack({"seg_masks": []})
+    # pinning needs an accelerator; a copy stands in for it: what matters is that the DataLoader keeps the batch packed
+    from torch.utils.data._utils.pin_memory import pin_memory
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *args, **kwargs: self.clone())
+    pinned = pin_memory(packed)
+    assert isinstance(pinned, PackedBatch) and pinned.buffer.data_ptr() != packed.buffer.data_ptr()
+    assert torch.equal(pinned.unpack()["input_ids"], batch["input_ids"])
 
 
 def test_instruction_qa_and_report_corpus(tmp_path, builder):

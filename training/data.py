@@ -5,16 +5,14 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
 from dataset.augment import SegAugment
-from dataset.collate import collate
 from dataset.ct import PLANES, InputError
-from dataset.finish import BatchFinisher
+from dataset.finish import BatchFinisher, WorkerCollate
 from dataset.phantom import write_phantom
 from dataset.records import Record, load_records
 from dataset.sampler import TaskBatchSampler
@@ -105,9 +103,7 @@ def build_loader(cfg: TrainConfig, dataset: MultiTaskDataset, env: Dist, pad_tok
                                steps_per_epoch=steps_per_epoch(cfg, env.world_size) * cfg.grad_accumulation)
     # Its own generator: creating an iterator draws a worker base seed, which must not advance the global torch
     # RNG (dropout) differently in a resumed run that starts mid-epoch. Samples take no randomness from workers.
-    collate_fn = partial(collate, pad_token_id=pad_token_id)
-    if cfg.data.finish_on == "worker":
-        collate_fn = finisher.in_worker(collate_fn)
+    collate_fn = WorkerCollate(pad_token_id, finisher if cfg.data.finish_on == "worker" else None)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn,
                         num_workers=cfg.data.num_workers, pin_memory=env.device.type == "cuda",
                         generator=torch.Generator().manual_seed(cfg.seed))
