@@ -9,7 +9,7 @@ the real budget (512 × 512 pixels), then times on one thread, per sample:
 - finish: what `BatchFinisher` adds (pixel values, the 2.5D stack's z-score, padding and resize, MONAI augmentation)
   when it runs on this CPU, as it does in the workers with `data.finish_on: worker`; with `device` it runs on the
   GPU instead;
-- handover (with `--handover`): in a real DataLoader worker, the training loader's collate of one sample
+- handover (with `--handover`): in a real DataLoader worker, the training loader's collate of a one-sample batch
   (`WorkerCollate`: `collate` and packing into one buffer) plus what the worker's queue does to send the batch
   (pickling, which moves the buffer to shared memory);
 - receive (with `--handover`): the training process's CPU time to take that batch from the queue.
@@ -48,8 +48,8 @@ from model.tokenizer import add_seg_token
 
 
 class _TimedHandover:
-    """A DataLoader collate_fn: the training loader's (`WorkerCollate`) on one sample, then what the worker's queue
-    does to send the batch; returns (the seconds both took, the batch), picklable for the worker."""
+    """A DataLoader collate_fn: the training loader's (`WorkerCollate`), then what the worker's queue does to send
+    the batch; returns (the seconds both took, the batch), picklable for the worker."""
 
     def __init__(self, pad_token_id: int):
         self.collate = WorkerCollate(pad_token_id)
@@ -84,9 +84,10 @@ def time_handover(task, pad_token_id: int, repeats: int, batch_size: int = 1) ->
 def time_samples(n: int = 24, size: int = 512, repeats: int = 3, seg_size: int = 512,
                  image_pixels: int = 512 * 512, handover: bool = False, batch_size: int = 1
                  ) -> dict[str, dict[str, float]]:
-    """{task: {"prepare": ms, "finish": ms[, "handover": ms, "receive": ms]}}: milliseconds of one thread per sample, per record task
-    (phantom of `n` cases of `size`² slices; the mean over one pass over each task's items, the fastest of `repeats`
-    passes, after one warm-up sample). Leaves torch's thread count as it was."""
+    """{task: {"prepare": ms, "finish": ms[, "handover": ms, "receive": ms]}} per record task (phantom of `n` cases
+    of `size`² slices): prepare and finish, milliseconds of one thread per sample (the mean over one pass over each
+    task's items, the fastest of `repeats` passes, after one warm-up sample); with `handover`, `time_handover`'s
+    milliseconds per batch of `batch_size`. Leaves torch's thread count as it was."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
