@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.utils.data import get_worker_info
 
 from dataset.augment import SegAugment
 from dataset.collate import BatchValue, PackedBatch, collate
@@ -73,13 +74,14 @@ class BatchFinisher:
 
 class WorkerCollate:
     """The DataLoader workers' collate_fn (picklable): samples → `collate`, finished on the CPU when given a
-    `finisher` (data.finish_on: worker), packed for the handover."""
+    `finisher` (data.finish_on: worker), packed for the handover when it runs in a worker (in the training process
+    itself, `num_workers: 0` or evaluation, there is no handover and packing would only add a copy)."""
 
     def __init__(self, pad_token_id: int, finisher: BatchFinisher | None = None):
         self.pad_token_id, self.finisher = pad_token_id, finisher
 
-    def __call__(self, samples) -> PackedBatch:
+    def __call__(self, samples) -> PackedBatch | dict[str, BatchValue]:
         batch = collate(samples, self.pad_token_id)
         if self.finisher is not None:
             batch = self.finisher(batch, "cpu")
-        return PackedBatch.pack(batch)
+        return PackedBatch.pack(batch) if get_worker_info() is not None else batch

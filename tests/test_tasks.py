@@ -244,7 +244,9 @@ def test_finishing_in_the_worker_or_on_the_device_gives_the_same_batch(phantom, 
     assert in_worker.keys() == in_step.keys() and "seg_augment_seed" not in in_step
     for key in in_step:
         assert torch.equal(in_worker[key], in_step[key]), key
-    direct = finisher(collate(samples, pad), "cpu")
+    in_process = WorkerCollate(pad)(samples)  # num_workers: 0: no handover, so nothing is packed
+    assert isinstance(in_process, dict)
+    direct = finisher(in_process, "cpu")
     for key in in_step:
         assert torch.equal(direct[key], in_step[key]), key
     # each row is a function of its own sample: the same sample alone or in another batch order gives the same

@@ -171,8 +171,11 @@ def test_fsdp2_matches_ddp_and_resumes(ddp_run, tmp_path):
     # up to 1.7e-3. So step 4's seg module is held to the bulk of its elements: a rank that skipped or lost a
     # gradient average moves them all by about the learning rate (median 1e-3, measured), the kink a few (median
     # 8e-8, 99th percentile 1.3e-5).
+    def model_dir(run, step):
+        return run / f"checkpoints/step_{step:06d}/model"
+
     def export(run, step, name):
-        return load_file(run / f"checkpoints/step_{step:06d}/model" / name)
+        return load_file(model_dir(run, step) / name)
 
     for step, name in ((2, "vlm_trained.safetensors"), (2, "seg_module.safetensors"), (4, "vlm_trained.safetensors")):
         a, b = export(out, step, name), export(ddp_run, step, name)
@@ -181,4 +184,4 @@ def test_fsdp2_matches_ddp_and_resumes(ddp_run, tmp_path):
     assert a.keys() == b.keys()
     gaps = torch.cat([(a[k] - b[k]).abs().flatten() for k in a]).double()
     assert gaps.median() < 1e-6 and torch.quantile(gaps, 0.99) < 1e-4
-    assert load_checkpoint(out / "checkpoints/step_000004/model")
+    assert load_checkpoint(model_dir(out, 4))
